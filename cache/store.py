@@ -1,0 +1,306 @@
+"""The soft-label store: images by content hash, teacher answers, usage. SQLite via sqlite-utils.
+
+Every write is a short transaction so a killed process loses at most what was in flight.
+Claims (status ``claimed`` with a lease) let several harvesters share one database without
+paying twice for an image: a claim is taken in a ``BEGIN IMMEDIATE`` transaction, and a claim
+whose lease ran out (its owner died) may be taken again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import sqlite_utils
+
+from .migrations import migrate
+
+DEFAULT_DB = "distill.db"
+OK, FAILED, CLAIMED = "ok", "failed", "claimed"
+
+
+class StoreError(Exception):
+    """The database cannot be used (locked, corrupt, unwritable); message says what to do."""
+
+
+@dataclass
+class ImageRow:
+    sha256: str
+    path: str
+    width: int
+    height: int
+    bytes: int
+    label: str | None = None  # the class folder the file was found in, if any
+
+
+@dataclass
+class Response:
+    """A teacher's answer for one image, as stored. ``scores`` None means a failure."""
+
+    image: str
+    scores: list[tuple[str, float]] | None
+    raw: str | None = None
+    http_status: int | None = None
+    error: str | None = None
+    latency_ms: float = 0.0
+    attempts: int = 1
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def utc_day(now: dt.datetime | None = None) -> str:
+    return (now or utc_now()).strftime("%Y-%m-%d")
+
+
+def default_db_path() -> str:
+    return os.environ.get("DISTILL_DB") or DEFAULT_DB
+
+
+class Store:
+    """One SQLite file. Open with :func:`open_store`; migrations run on open."""
+
+    def __init__(self, path: str, timeout: float = 30.0):
+        self.path = str(path)
+        try:
+            conn = sqlite3.connect(self.path, timeout=timeout, check_same_thread=False)
+            self.db = sqlite_utils.Database(conn)
+            self.db.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            if self.db.journal_mode != "wal":
+                self.db.enable_wal()
+            self.db.execute("PRAGMA synchronous = NORMAL")  # safe with WAL; fsync per checkpoint
+            self.db.execute("PRAGMA foreign_keys = ON")
+            migrate(self.db)
+        except sqlite3.OperationalError as e:
+            raise StoreError(_explain(e, self.path)) from None
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path} is not a distill database ({e}); pass another --db") from None
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    # -- transactions -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def immediate(self) -> Iterator[None]:
+        """A write transaction that takes the write lock up front (no deadlock on upgrade)."""
+        try:
+            self.db.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            raise StoreError(_explain(e, self.path)) from None
+        try:
+            yield
+        except BaseException:
+            self.db.conn.rollback()
+            raise
+        self.db.conn.execute("COMMIT")
+
+    # -- images -------------------------------------------------------------------------------
+
+    def add_images(self, rows: Iterable[ImageRow]) -> int:
+        """Record images and their paths; an image already known keeps its first path."""
+        rows = list(rows)
+        now = utc_now().isoformat()
+        with self.immediate():
+            self.db["images"].insert_all(
+                ({**vars(r), "added_at": now} for r in rows), ignore=True, batch_size=500
+            )
+            self.db["paths"].upsert_all(
+                ({"path": r.path, "sha256": r.sha256, "label": r.label} for r in rows),
+                pk="path", batch_size=500,
+            )
+        return len(rows)
+
+    def image_labels(self, shas: Iterable[str] | None = None) -> dict[str, str | None]:
+        """sha256 -> folder label (None when the image was not in a class folder)."""
+        return {r[0]: r[1] for r in self._select_in("SELECT sha256, label FROM images", "sha256", shas)}
+
+    def image_paths(self, shas: Iterable[str] | None = None) -> dict[str, str]:
+        return {r[0]: r[1] for r in self._select_in("SELECT sha256, path FROM images", "sha256", shas)}
+
+    # -- teachers -----------------------------------------------------------------------------
+
+    def teacher_id(self, spec: str, score_kind: str, options: dict | None = None) -> int:
+        """The id of teacher ``spec``, created on first use."""
+        row = self.db.execute("SELECT id FROM teachers WHERE spec = ?", [spec]).fetchone()
+        if row:
+            return row[0]
+        with self.immediate():
+            self.db.execute(
+                "INSERT OR IGNORE INTO teachers (spec, score_kind, options) VALUES (?, ?, ?)",
+                [spec, score_kind, json.dumps(options or {}, sort_keys=True)],
+            )
+        return self.db.execute("SELECT id FROM teachers WHERE spec = ?", [spec]).fetchone()[0]
+
+    def teachers(self) -> list[dict]:
+        return list(self.db["teachers"].rows)
+
+    def find_teacher(self, spec: str) -> dict | None:
+        rows = list(self.db["teachers"].rows_where("spec = ?", [spec]))
+        return rows[0] if rows else None
+
+    # -- claims and answers -------------------------------------------------------------------
+
+    def answered(self, teacher: int, shas: Iterable[str] | None = None) -> set[str]:
+        """Images with a stored successful answer from ``teacher``: never sent again."""
+        sql = "SELECT image FROM responses WHERE teacher = ? AND status = 'ok'"
+        return {r[0] for r in self._select_in(sql, "image", shas, [teacher])}
+
+    def claim(self, teacher: int, shas: list[str], owner: str, lease_s: float) -> list[str]:
+        """Claim the images nobody has answered or holds a live claim on; returns those claimed."""
+        now = time.time()
+        claimed = []
+        with self.immediate():
+            for sha in shas:
+                row = self.db.execute(
+                    "SELECT status, claimed_until FROM responses WHERE image = ? AND teacher = ?",
+                    [sha, teacher],
+                ).fetchone()
+                if row and (row[0] == OK or (row[0] == CLAIMED and (row[1] or 0) > now)):
+                    continue
+                self.db.execute(
+                    "INSERT INTO responses (image, teacher, status, claim_owner, claimed_until, attempts)"
+                    " VALUES (?, ?, 'claimed', ?, ?, 0) ON CONFLICT (image, teacher) DO UPDATE SET"
+                    " status = 'claimed', claim_owner = excluded.claim_owner,"
+                    " claimed_until = excluded.claimed_until",
+                    [sha, teacher, owner, now + lease_s],
+                )
+                claimed.append(sha)
+        return claimed
+
+    def release(self, teacher: int, shas: Iterable[str], owner: str) -> None:
+        """Give back claims that were never sent (a budget was reached, the run was stopped)."""
+        where = "image = ? AND teacher = ? AND status = 'claimed' AND claim_owner = ?"
+        with self.immediate():
+            for sha in shas:
+                args = [sha, teacher, owner]
+                # A first claim leaves no trace; a retry claim goes back to its earlier failure.
+                self.db.execute(f"DELETE FROM responses WHERE {where} AND error IS NULL", args)
+                self.db.execute(
+                    f"UPDATE responses SET status = 'failed', claimed_until = NULL WHERE {where}", args
+                )
+
+    def release_owner(self, teacher: int, owner: str) -> None:
+        """Give back every claim ``owner`` still holds."""
+        rows = self.db.execute(
+            "SELECT image FROM responses WHERE teacher = ? AND status = 'claimed' AND claim_owner = ?",
+            [teacher, owner],
+        ).fetchall()
+        self.release(teacher, [r[0] for r in rows], owner)
+
+    def record(self, teacher: int, responses: Iterable[Response]) -> None:
+        """Store answers (successes and failures) in one transaction."""
+        now = utc_now().isoformat()
+        rows = []
+        for r in responses:
+            ok = r.scores is not None
+            rows.append({
+                "image": r.image, "teacher": teacher, "status": OK if ok else FAILED,
+                "http_status": r.http_status, "raw": r.raw,
+                "scores": json.dumps([[lab, float(s)] for lab, s in r.scores]) if ok else None,
+                "error": None if ok else (r.error or "unknown error"),
+                "latency_ms": r.latency_ms, "attempts": r.attempts, "answered_at": now,
+                "claim_owner": None, "claimed_until": None,
+            })
+        with self.immediate():
+            self.db["responses"].upsert_all(rows, pk=("image", "teacher"), batch_size=200)
+
+    def answers(self, teacher: int, shas: Iterable[str] | None = None) -> dict[str, list[tuple[str, float]]]:
+        """sha256 -> [(label, score), ...] for every successful answer of ``teacher``."""
+        sql = "SELECT image, scores FROM responses WHERE teacher = ? AND status = 'ok'"
+        return {
+            sha: [(lab, s) for lab, s in json.loads(text)]
+            for sha, text in self._select_in(sql, "image", shas, [teacher])
+        }
+
+    def failures(self, teacher: int) -> dict[str, int]:
+        """Failure reason -> count, for ``teacher``."""
+        rows = self.db.execute(
+            "SELECT error, COUNT(*) FROM responses WHERE teacher = ? AND status = 'failed'"
+            " GROUP BY error ORDER BY 2 DESC", [teacher]
+        ).fetchall()
+        return dict(rows)
+
+    # -- usage --------------------------------------------------------------------------------
+
+    def add_usage(self, teacher: int, calls: int, cost: float = 0.0, day: str | None = None) -> None:
+        # Raw SQL rather than sqlite-utils upsert: the counter must be incremented atomically,
+        # not replaced, when two harvesters share the database.
+        with self.immediate():
+            self.db.execute(
+                "INSERT INTO usage (day, teacher, calls, cost) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (day, teacher) DO UPDATE SET calls = calls + excluded.calls,"
+                " cost = cost + excluded.cost",
+                [day or utc_day(), teacher, calls, cost],
+            )
+
+    def calls_on(self, teacher: int, day: str | None = None) -> int:
+        row = self.db.execute(
+            "SELECT calls FROM usage WHERE day = ? AND teacher = ?", [day or utc_day(), teacher]
+        ).fetchone()
+        return row[0] if row else 0
+
+    # -- summaries ----------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Counts for ``distill cache stats``."""
+        q = lambda sql: self.db.execute(sql).fetchone()[0]  # noqa: E731
+        per_teacher = []
+        for t in self.teachers():
+            counts = dict(self.db.execute(
+                "SELECT status, COUNT(*) FROM responses WHERE teacher = ? GROUP BY status", [t["id"]]
+            ).fetchall())
+            calls = self.db.execute(
+                "SELECT COALESCE(SUM(calls), 0), COALESCE(SUM(cost), 0) FROM usage WHERE teacher = ?",
+                [t["id"]],
+            ).fetchone()
+            per_teacher.append({
+                "spec": t["spec"], "score_kind": t["score_kind"], "ok": counts.get(OK, 0),
+                "failed": counts.get(FAILED, 0), "claimed": counts.get(CLAIMED, 0),
+                "calls": calls[0], "cost_usd": round(calls[1], 6),
+            })
+        return {
+            "db": self.path,
+            "images": q("SELECT COUNT(*) FROM images"),
+            "paths": q("SELECT COUNT(*) FROM paths"),
+            "labelled_images": q("SELECT COUNT(*) FROM images WHERE label IS NOT NULL"),
+            "teachers": per_teacher,
+        }
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _select_in(self, sql: str, column: str, values: Iterable[str] | None, params=()):
+        """Run ``sql`` (optionally restricted to ``column IN values``, chunked under SQLite's limit)."""
+        params = list(params)
+        if values is None:
+            yield from self.db.execute(sql, params).fetchall()
+            return
+        values = list(values)
+        joiner = " AND " if " WHERE " in sql else " WHERE "
+        for i in range(0, len(values), 900):
+            chunk = values[i:i + 900]
+            marks = ",".join("?" * len(chunk))
+            yield from self.db.execute(f"{sql}{joiner}{column} IN ({marks})", params + chunk).fetchall()
+
+
+def _explain(e: sqlite3.Error, path: str) -> str:
+    msg = str(e)
+    if "locked" in msg or "busy" in msg:
+        return f"database {path} is locked by another process; wait for it to finish or use another --db"
+    if "unable to open" in msg:
+        return f"cannot open database {path}: check the folder exists and is writable"
+    if "disk" in msg and "full" in msg:
+        return f"disk full while writing {path}: free some space and run again (nothing was lost)"
+    return f"database {path}: {msg}"
+
+
+def open_store(path: str | None = None, timeout: float = 30.0) -> Store:
+    """Open (creating and migrating) the store at ``path`` or ``$DISTILL_DB`` or ./distill.db."""
+    return Store(path or default_db_path(), timeout=timeout)

@@ -1,0 +1,123 @@
+"""Finding and reading the user's images: recursive scan, content hash, safe decoding.
+
+Every unreadable or non-image file becomes a :class:`Skip` with a short reason; nothing here
+raises for a bad file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
+# Decompression-bomb guard: PIL warns above MAX_IMAGE_PIXELS and raises above twice that;
+# we refuse anything above it (an 80-megapixel photo is already far beyond what we upload).
+MAX_PIXELS = 80_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    path: str
+    label: str | None  # class folder name when the images folder has class subfolders
+
+
+@dataclass(frozen=True)
+class Skip:
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    path: str
+    label: str | None
+    sha256: str
+    data: bytes
+    width: int
+    height: int
+
+
+def scan(root: str | os.PathLike) -> tuple[list[ImageFile], list[Skip]]:
+    """Image files under ``root`` (recursive, sorted, symlink loops ignored).
+
+    Labels: when ``root`` has subfolders, a file's label is the name of the top-level
+    subfolder holding it; files directly in ``root`` then have no label.
+    """
+    root = Path(root)
+    files: list[ImageFile] = []
+    skips: list[Skip] = []
+    seen_dirs: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=None):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen_dirs:  # a symlink loop: visit each folder once
+            dirnames[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        dirnames.sort()
+        rel = Path(dirpath).relative_to(root)
+        label = rel.parts[0] if rel.parts else None
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                files.append(ImageFile(path, label))
+            elif not name.startswith("."):
+                skips.append(Skip(path, "not an image file type"))
+    return files, skips
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def load(image: ImageFile) -> LoadedImage | Skip:
+    """Read and check one file: its bytes, hash and size, or why it cannot be used."""
+    try:
+        with open(image.path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return Skip(image.path, f"unreadable: {e.strerror or type(e).__name__}")
+    if not data:
+        return Skip(image.path, "empty file")
+    try:
+        width, height = check_decodes(data)
+    except ValueError as e:
+        return Skip(image.path, str(e))
+    return LoadedImage(image.path, image.label, sha256_bytes(data), data, width, height)
+
+
+def check_decodes(data: bytes) -> tuple[int, int]:
+    """Fully decode ``data`` (truncated files fail here, not in training); returns (w, h)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                width, height = im.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ValueError(f"too many pixels (limit {MAX_PIXELS:,})") from None
+    except Exception as e:  # PIL raises many types for bad data; all mean "not usable"
+        raise ValueError(f"not a readable image: {type(e).__name__}") from None
+    if width < 1 or height < 1:
+        raise ValueError("image has no pixels")
+    return width, height
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Decode to an RGB image with EXIF orientation applied (alpha composited on white)."""
+    im = Image.open(io.BytesIO(data))
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    return im.convert("RGB")

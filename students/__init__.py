@@ -1,0 +1,26 @@
+"""Student architectures and their registry: MobileNetV2 (width alpha, resolution rho) and any
+timm model by name. No CLI, no HTTP: the application builds on this, never the reverse."""
+
+from . import mobilenetv2  # noqa: F401  (registers "mobilenetv2")
+from .measure import count_macs, count_params
+from .registry import (
+    STUDENT_MEAN,
+    STUDENT_STD,
+    StudentConfig,
+    create_student,
+    load_init,
+    register_student,
+    student_names,
+)
+
+__all__ = [
+    "STUDENT_MEAN",
+    "STUDENT_STD",
+    "StudentConfig",
+    "count_macs",
+    "count_params",
+    "create_student",
+    "load_init",
+    "register_student",
+    "student_names",
+]

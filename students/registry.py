@@ -1,0 +1,200 @@
+"""The student registry: names -> model factories, with timm as the fallback for any other name.
+
+A factory is registered with ``@register_student("name")`` and called as
+``factory(num_classes, width, image_size, pretrained, init)``; it returns an ``nn.Module`` mapping
+``(N, 3, image_size, image_size)`` float32, normalised with STUDENT_MEAN/STUDENT_STD, to
+``(N, num_classes)`` logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Callable
+
+import torch
+from torch import nn
+
+# Students are always fed ImageNet-normalised input: torchvision and timm ImageNet weights expect
+# it, and one constant keeps training, eval and export from disagreeing.
+STUDENT_MEAN = (0.485, 0.456, 0.406)
+STUDENT_STD = (0.229, 0.224, 0.225)
+
+# The user-facing ranges. SPEC: width 0.35-1.4, image size 96-224 nominal; 32-512 is accepted so
+# tests can be fast and high-resolution experiments possible.
+WIDTH_RANGE = (0.35, 1.4)
+IMAGE_SIZE_RANGE = (32, 512)
+
+StudentFactory = Callable[[int, float, int, bool, "str | None"], nn.Module]
+_REGISTRY: dict[str, StudentFactory] = {}
+
+
+def register_student(name: str) -> Callable[[StudentFactory], StudentFactory]:
+    """Decorator: make ``factory`` available to :func:`create_student` as ``name``."""
+
+    def wrap(factory: StudentFactory) -> StudentFactory:
+        _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def student_names() -> list[str]:
+    """The registered names (timm names are accepted too but not listed: there are ~1,000)."""
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def create_student(
+    name: str,
+    num_classes: int,
+    width: float = 1.0,
+    image_size: int = 224,
+    pretrained: bool = False,
+    init: str | None = None,
+) -> nn.Module:
+    """Build a student: a registered name, else any timm model name.
+
+    width: channel multiplier alpha (registered students; timm names carry it in the name).
+    image_size: input side in pixels; MobileNetV2 pools globally, so it sets cost, not shape.
+    pretrained: ImageNet weights (needs the network); init: a local state-dict file instead.
+    Raises ValueError, echoing the bad value, for anything the caller must change.
+    """
+    _validate(num_classes, width, image_size)
+    _load_builtins()
+    if name in _REGISTRY:
+        return _REGISTRY[name](num_classes, float(width), int(image_size), pretrained, init)
+    import timm  # slow to import; only needed for the fallback
+
+    if not timm.is_model(name):
+        raise ValueError(
+            f"unknown student {name!r}; registered: {', '.join(student_names())} "
+            "(or any timm model name, see timm.list_models())"
+        )
+    if width != 1.0:
+        raise ValueError(
+            "width applies to registered students only; choose a timm name with the width "
+            f"in it (e.g. mobilenetv3_small_050), got width={width}"
+        )
+    try:
+        model = timm.create_model(name, num_classes=num_classes, pretrained=pretrained)
+    except Exception as exc:  # HF hub / URL errors come in many types
+        if not pretrained:
+            raise
+        raise ValueError(
+            f"cannot download ImageNet weights for {name} ({_first_line(exc)}); "
+            "no network: pass init=PATH"
+        ) from exc
+    if init:
+        load_init(model, init)
+    return model
+
+
+@dataclass
+class StudentConfig:
+    """Everything needed to rebuild a student and feed it: stored next to its weights."""
+
+    name: str
+    num_classes: int
+    width: float = 1.0
+    image_size: int = 224  # pixels, square input
+    mean: tuple[float, float, float] = STUDENT_MEAN
+    std: tuple[float, float, float] = STUDENT_STD
+
+    def to_dict(self) -> dict:
+        """JSON-ready (tuples become lists)."""
+        data = asdict(self)
+        data["mean"], data["std"] = list(self.mean), list(self.std)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> StudentConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are ignored so newer files still load."""
+        known = {f.name for f in fields(cls)}
+        missing = {"name", "num_classes"} - set(data)
+        if missing:
+            lacking = ", ".join(sorted(missing))
+            raise ValueError(f"student config lacks {lacking}, got keys {sorted(data)}")
+        values = {k: v for k, v in data.items() if k in known}
+        for key in ("mean", "std"):
+            if key in values:
+                values[key] = tuple(float(x) for x in values[key])
+        return cls(**values)
+
+    def create(self, pretrained: bool = False, init: str | None = None) -> nn.Module:
+        """The (untrained unless ``pretrained``/``init``) model this config describes."""
+        return create_student(
+            self.name, self.num_classes, self.width, self.image_size, pretrained, init
+        )
+
+
+def load_init(model: nn.Module, path: str) -> None:
+    """Load a state dict from ``path`` into ``model``, skipping classifier tensors whose shape
+    differs (ImageNet head -> our classes). Any other mismatch is a ValueError."""
+    state = _read_state_dict(path)
+    head = _classifier_prefix(model)
+    own = model.state_dict()
+    differ = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    skipped = [k for k in differ if head and k.startswith(head)]
+    wrong = [k for k in differ if k not in skipped]
+    if wrong:
+        k = wrong[0]
+        raise ValueError(
+            f"init={path} does not fit this model: {k} has shape {tuple(state[k].shape)}, "
+            f"the model needs {tuple(own[k].shape)} ({len(wrong)} tensors differ; other width?)"
+        )
+    state = {k: v for k, v in state.items() if k not in skipped}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in skipped]
+    if missing or unexpected:
+        raise ValueError(
+            f"init={path} does not fit this model: "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read init={path}: {_first_line(exc)}") from exc
+    for key in ("state_dict", "model"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+            break
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ValueError(f"init={path} is not a state dict (tensors by name)")
+    return {k.removeprefix("module."): v for k, v in data.items()}
+
+
+def _classifier_prefix(model: nn.Module) -> str:
+    """Name prefix of the last Linear layer (``"classifier.1."``, ``"fc."``); "" if none."""
+    last = ""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last = f"{name}."
+    return last
+
+
+def _validate(num_classes: int, width: float, image_size: int) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if isinstance(width, bool) or not isinstance(width, (int, float)):
+        raise ValueError(f"width must be a number, got {width!r}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int):
+        raise ValueError(f"image size must be an integer number of pixels, got {image_size!r}")
+    if not WIDTH_RANGE[0] <= width <= WIDTH_RANGE[1]:
+        low, high = WIDTH_RANGE
+        raise ValueError(f"width must be between {low} and {high}, got {width}")
+    if not IMAGE_SIZE_RANGE[0] <= image_size <= IMAGE_SIZE_RANGE[1]:
+        low, high = IMAGE_SIZE_RANGE
+        raise ValueError(f"image size must be between {low} and {high} pixels, got {image_size}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__
+
+
+def _load_builtins() -> None:
+    # Importing runs the @register_student decorators, as a plugin's import would.
+    from . import mobilenetv2  # noqa: F401

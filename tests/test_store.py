@@ -1,0 +1,98 @@
+"""The SQLite store: schema, migrations, claims, answers, usage — on a real file."""
+
+import sqlite3
+
+import pytest
+
+from cache import ImageRow, Response, StoreError, open_store
+from cache.migrations import MIGRATIONS
+
+SHA_A, SHA_B = "a" * 64, "b" * 64
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = open_store(str(tmp_path / "s.db"))
+    s.add_images([ImageRow(SHA_A, "x/a.jpg", 4, 3, 100, "cat"), ImageRow(SHA_B, "b.jpg", 4, 3, 90, None)])
+    yield s
+    s.close()
+
+
+def test_migrations_recorded_and_columns(tmp_path):
+    s = open_store(str(tmp_path / "m.db"))
+    names = [r["name"] for r in s.db["_migrations"].rows]
+    assert names == [m.__name__ for m in MIGRATIONS]
+    assert {"image", "teacher", "status", "http_status", "raw", "scores", "error", "latency_ms",
+            "attempts", "answered_at", "claim_owner", "claimed_until"} <= set(s.db["responses"].columns_dict)
+    assert s.db.journal_mode == "wal"
+    s.close()
+    again = open_store(str(tmp_path / "m.db"))  # reopening applies nothing twice
+    assert len(list(again.db["_migrations"].rows)) == len(MIGRATIONS)
+
+
+def test_same_content_is_one_image(store):
+    store.add_images([ImageRow(SHA_A, "other/name.jpg", 4, 3, 100, "cat")])
+    assert store.db["images"].count == 2
+    assert store.db["paths"].count == 3
+    assert store.image_paths([SHA_A]) == {SHA_A: "x/a.jpg"}  # first path kept
+
+
+def test_answers_and_failures(store):
+    t = store.teacher_id("local:x", "distribution")
+    assert store.teacher_id("local:x", "distribution") == t
+    store.record(t, [Response(SHA_A, [("cat", 0.9), ("dog", 0.1)], raw="{}", http_status=200),
+                     Response(SHA_B, None, error="HTTP 400: bad image", http_status=400)])
+    assert store.answers(t) == {SHA_A: [("cat", 0.9), ("dog", 0.1)]}
+    assert store.answered(t) == {SHA_A}
+    assert store.failures(t) == {"HTTP 400: bad image": 1}
+
+
+def test_claims_exclusive_until_lease_expires(store):
+    t = store.teacher_id("hf:a/b", "topk")
+    assert store.claim(t, [SHA_A, SHA_B], "one", lease_s=60) == [SHA_A, SHA_B]
+    assert store.claim(t, [SHA_A, SHA_B], "two", lease_s=60) == []
+    store.record(t, [Response(SHA_A, [("cat", 1.0)])])
+    # an expired lease (its owner died) may be taken again; an answered image never
+    store.db.execute("UPDATE responses SET claimed_until = 0 WHERE image = ?", [SHA_B])
+    store.db.conn.commit()
+    assert store.claim(t, [SHA_A, SHA_B], "two", lease_s=60) == [SHA_B]
+
+
+def test_release_restores_previous_state(store):
+    t = store.teacher_id("hf:a/b", "topk")
+    store.record(t, [Response(SHA_B, None, error="HTTP 500")])
+    store.claim(t, [SHA_A, SHA_B], "me", lease_s=60)
+    store.release_owner(t, "me")
+    rows = {r["image"]: r for r in store.db["responses"].rows}
+    assert SHA_A not in rows  # a first claim leaves no trace
+    assert rows[SHA_B]["status"] == "failed" and rows[SHA_B]["error"] == "HTTP 500"
+
+
+def test_usage_counts_per_day_across_opens(tmp_path, store):
+    t = store.teacher_id("hf:a/b", "topk")
+    store.add_usage(t, 3, 0.003)
+    store.add_usage(t, 2, 0.002)
+    store.add_usage(t, 7, day="2000-01-01")
+    assert store.calls_on(t) == 5
+    assert store.calls_on(t, "2000-01-01") == 7
+    assert store.stats()["teachers"][0]["calls"] == 12
+
+
+def test_not_a_database(tmp_path):
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match="not a distill database"):
+        open_store(str(bad))
+
+
+def test_locked_database_waits_then_clear_error(tmp_path):
+    path = str(tmp_path / "l.db")
+    open_store(path).close()
+    blocker = sqlite3.connect(path)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreError, match="locked by another process"):
+            open_store(path, timeout=0.2)
+    finally:
+        blocker.rollback()
+        blocker.close()
