@@ -187,6 +187,14 @@ class Store:
                     f"UPDATE responses SET status = 'failed', claimed_until = NULL WHERE {where}", args
                 )
 
+    def claim_owners(self, teacher: int) -> list[str]:
+        """The harvesters holding claims on ``teacher``'s images, live or dead."""
+        rows = self.db.execute(
+            "SELECT DISTINCT claim_owner FROM responses WHERE teacher = ? AND status = 'claimed'",
+            [teacher],
+        ).fetchall()
+        return [r[0] for r in rows if r[0]]
+
     def release_owner(self, teacher: int, owner: str) -> None:
         """Give back every claim ``owner`` still holds."""
         rows = self.db.execute(

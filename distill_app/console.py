@@ -12,7 +12,6 @@ import time
 import traceback
 from typing import Callable, Iterator
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -58,8 +57,7 @@ def user_errors(fn: Callable) -> Callable:
             else:
                 err.print(f"Error: {redact(str(e))}")
             raise typer.Exit(1) from None
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort,
-                KeyboardInterrupt, SystemExit):
+        except (typer.TyperException, typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
             raise
         except Exception as e:  # a bug: say so, with a traceback that holds no secrets
             if os.environ.get("DISTILL_DEBUG"):

@@ -99,9 +99,17 @@ class Budget:
             daily_left = None if daily_quota is None else daily_quota - used_today
             self.reason = "daily quota" if daily_left is not None and daily_left == min(limits) else "max calls"
         self._lock = threading.Lock()
+        self._closed = False
+
+    def close(self) -> None:
+        """No more calls in this run (the key was rejected): requests not yet sent stay unsent."""
+        with self._lock:
+            self._closed = True
 
     def take(self, n: int) -> bool:
         with self._lock:
+            if self._closed:
+                return False
             if self.left is None:
                 return True
             if self.left < n:
@@ -196,6 +204,7 @@ class _Run:
         self.budget = Budget(cfg.max_calls, cfg.daily_quota, store.calls_on(teacher_id))
 
     def send(self, todo: list[str], progress: Callable[[int, int], None] | None) -> None:
+        _release_dead_claims(self.store, self.teacher_id)
         queue = collections.deque(todo)
         started = time.monotonic()
         try:
@@ -264,6 +273,29 @@ class _Run:
             s.stopped = _budget_message(self.budget)
 
 
+def _release_dead_claims(store: Store, teacher_id: int) -> None:
+    """Give back the claims of harvesters on this machine whose process is gone (killed,
+    crashed): their lease would otherwise keep those images from a rerun for lease_s."""
+    for owner in store.claim_owners(teacher_id):
+        if _owner_is_dead(owner):
+            store.release_owner(teacher_id, owner)
+
+
+def _owner_is_dead(owner: str) -> bool:
+    """True only when sure: ``owner`` ("host:pid:nonce") is on this host and its pid is gone.
+    Another host's claims, or a pid reused since, wait for the lease instead."""
+    host, pid, _ = (owner.rsplit(":", 2) + ["", ""])[:3]
+    if host != os.uname().nodename or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by another user
+        return False
+    return False
+
+
 def _call_batch(teacher, batch, paths, cfg, limiter, budget) -> BatchResult:
     """One request (with its retries) for ``batch``; runs on a worker thread, touches no store."""
     result = BatchResult(responses=[])
@@ -286,6 +318,7 @@ def _call_batch(teacher, batch, paths, cfg, limiter, budget) -> BatchResult:
         result.unsent = ready
         return result
     except AuthError as e:
+        budget.close()  # the other threads must not send more requests with a rejected key
         result.auth_error = str(e)
         result.unsent = ready
         return result

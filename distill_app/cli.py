@@ -1,0 +1,325 @@
+"""The `distill` command line. Commands are thin: parse flags, call the library, print."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from cache import default_db_path, open_store
+
+from .console import emit_json, err, progress, user_errors
+
+app = typer.Typer(
+    help="Distil a paid image-classification API (or any big model) into a small local student.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,  # our own handler prints one line, secrets redacted
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+cache_app = typer.Typer(help="Look inside the soft-label store.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+DB_HELP = "SQLite store (default: $DISTILL_DB or ./distill.db)."
+JSON_HELP = "Print one JSON object as the last line of stdout."
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+
+
+@app.callback()
+def main_callback() -> None:
+    _setup_logging()
+
+
+@app.command()
+@user_errors
+def harvest(
+    images: Path = typer.Option(..., help="Folder of images, scanned recursively."),
+    teacher: str = typer.Option("local", help="Teacher spec: local, timm:NAME, hf:OWNER/MODEL, google, azure."),
+    endpoint: Optional[str] = typer.Option(None, help="Exact URL to POST to (remote teachers)."),
+    db: Optional[str] = typer.Option(None, help=DB_HELP),
+    rate: Optional[float] = typer.Option(None, help="Requests per second, all threads together."),
+    concurrency: int = typer.Option(4, min=1, help="Requests in flight."),
+    max_calls: Optional[int] = typer.Option(None, min=0, help="Images to send in this run at most."),
+    daily_quota: Optional[int] = typer.Option(None, min=0, help="Images per UTC day for this teacher, across runs."),
+    top_k: Optional[int] = typer.Option(None, min=1, help="Labels to ask for / keep per image."),
+    upload_size: int = typer.Option(512, min=16, help="Longest side of uploaded images, in pixels."),
+    cost_per_1k: float = typer.Option(0.0, min=0.0, help="USD per 1,000 images, for the cost estimate."),
+    device: str = typer.Option("auto", help="Local teachers: auto, cpu or cuda."),
+    batch_size: int = typer.Option(32, min=1, help="Local teachers: images per forward pass."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be sent and what it would cost."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Send each image once to the teacher and store every answer.
+
+    Example: distill harvest --images photos/ --teacher hf:google/vit-base-patch16-224 --rate 5
+    """
+    from .harvest import HarvestConfig, harvest as run_harvest
+
+    cfg = HarvestConfig(
+        images=str(images), teacher=teacher, endpoint=endpoint, db=db, rate=rate,
+        concurrency=concurrency, max_calls=max_calls, daily_quota=daily_quota, top_k=top_k,
+        upload_size=upload_size, cost_per_1k=cost_per_1k, dry_run=dry_run, device=device,
+        batch_size=batch_size,
+    )
+    with progress("harvest") as update:
+        summary = run_harvest(cfg, progress=update)
+    _print_harvest(summary)
+    if json_out:
+        emit_json(summary)
+
+
+def _print_harvest(s: dict) -> None:
+    verb = "would send" if s["dry_run"] else "sent"
+    err.print(f"teacher {s['teacher']}  db {s['db']}", markup=False)
+    err.print(
+        f"files {s['files_found']}  images {s['images']}  already cached {s['already_cached']}  "
+        f"{verb} {s['to_send'] if s['dry_run'] else s['sent']}  succeeded {s['succeeded']}  "
+        f"failed {s['failed']}  skipped files {s['skipped_files']}", markup=False)
+    for reason, n in {**s["failed_by_reason"], **s["skipped_by_reason"]}.items():
+        err.print(f"  {n:6d}  {reason}", markup=False)
+    err.print(
+        f"calls today {s['calls_today']}  estimated cost ${s['estimated_cost_usd']:.4f}  "
+        f"elapsed {s['elapsed_s']:.1f}s  {s['requests_per_s']:.2f} requests/s", markup=False)
+    if s.get("stopped"):
+        err.print(f"stopped: {s['stopped']}", markup=False)
+
+
+@app.command()
+@user_errors
+def train(
+    images: Path = typer.Option(..., help="Folder of images (the harvested ones)."),
+    db: Optional[str] = typer.Option(None, help=DB_HELP),
+    teacher: Optional[List[str]] = typer.Option(None, help="Teacher spec, optionally SPEC@WEIGHT; repeat for an ensemble."),
+    label_map: Optional[Path] = typer.Option(None, help="TOML/JSON: target class -> teacher labels."),
+    other: bool = typer.Option(False, "--other", help="Add an 'other' class for unmapped mass."),
+    max_classes: Optional[int] = typer.Option(None, min=2, help="Without a label map: keep the N most frequent teacher labels."),
+    student: str = typer.Option("mobilenetv2", help="Student: mobilenetv2 or any timm model name."),
+    width: float = typer.Option(1.0, help="MobileNetV2 width multiplier (0.35-1.4)."),
+    image_size: int = typer.Option(224, help="Input resolution in pixels (96-224)."),
+    epochs: int = typer.Option(10, min=1),
+    batch_size: int = typer.Option(64, min=1),
+    lr: float = typer.Option(2e-3, help="Peak learning rate (AdamW, cosine schedule)."),
+    targets: str = typer.Option("soft", help="soft (teacher probabilities) or hard (its argmax)."),
+    loss: str = typer.Option("mse", help="mse (on probabilities) or kl (Hinton, T^2)."),
+    temperature: float = typer.Option(1.0, min=0.05),
+    hard_weight: float = typer.Option(0.0, min=0.0, help="Weight of cross-entropy on hard labels."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (default runs/<student>-<n>)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    seed: int = typer.Option(0),
+    workers: int = typer.Option(0, min=0, help="DataLoader worker processes."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Start from ImageNet weights (needs network or --init)."),
+    init: Optional[Path] = typer.Option(None, help="Initial weights file for the student."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Train a student on the teacher's stored soft labels.
+
+    Example: distill train --images photos/ --label-map classes.toml --width 0.5 --image-size 128
+    """
+    from .train import TrainConfig, train as run_train
+
+    _check_choice("--targets", targets, ("soft", "hard"))
+    _check_choice("--loss", loss, ("mse", "kl"))
+    cfg = TrainConfig(
+        images=str(images), db=db, teachers=list(teacher or ["local"]),
+        label_map=str(label_map) if label_map else None, other=other, max_classes=max_classes,
+        student=student, width=width, image_size=image_size, epochs=epochs,
+        batch_size=batch_size, lr=lr, targets=targets, loss=loss, temperature=temperature,
+        hard_weight=hard_weight, out=str(out) if out else None, device=device, resume=resume,
+        seed=seed, num_workers=workers, pretrained=pretrained, init=str(init) if init else None,
+    )
+    with progress("train") as update:
+        summary = run_train(cfg, progress=lambda epoch, step, steps, info: update(step, steps))
+    _print_dict("trained", summary)
+    if json_out:
+        emit_json(summary)
+
+
+@app.command(name="eval")
+@user_errors
+def eval_cmd(
+    student: Path = typer.Option(..., help="Run folder written by `distill train` (or its model.pt)."),
+    images: Path = typer.Option(..., help="Folder of images to evaluate on (class folders = truth)."),
+    db: Optional[str] = typer.Option(None, help=DB_HELP),
+    teacher: Optional[str] = typer.Option(None, help="Also time this local teacher for comparison."),
+    report: Optional[Path] = typer.Option(None, help="Write a Markdown report with plots here."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Measure a student against folder labels and the teacher, and how small and fast it is.
+
+    Example: distill eval --student runs/mobilenetv2-1 --images photos/val --report report/
+    """
+    from .evaluate import evaluate, write_report
+
+    result = evaluate(str(student), str(images), db_path=db or default_db_path(), teacher_spec=teacher)
+    if report:
+        result["report_files"] = write_report(result, str(report))
+    _print_eval(result)
+    if json_out:
+        emit_json(result)
+
+
+def _print_eval(r: dict) -> None:
+    from .evaluate import headline_rows
+
+    for name, value in headline_rows(r):
+        err.print(f"{name:<40} {value}", markup=False)
+    for row in r.get("per_class", []):
+        err.print(f"  {row['class']:<24} n={row['n']:<5} accuracy={row['accuracy']}", markup=False)
+
+
+@cache_app.command("stats")
+@user_errors
+def cache_stats(
+    db: Optional[str] = typer.Option(None, help=DB_HELP),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Images, answers, failures and calls in the store.
+
+    Example: distill cache stats --db distill.db
+    """
+    store = open_store(db)
+    stats = store.stats()
+    store.close()
+    err.print(f"{stats['db']}: {stats['images']} images ({stats['labelled_images']} in class folders)",
+              markup=False)
+    for t in stats["teachers"]:
+        err.print(f"  {t['spec']:<32} ok {t['ok']}  failed {t['failed']}  claimed {t['claimed']}  "
+                  f"calls {t['calls']}  ${t['cost_usd']}", markup=False)
+    if json_out:
+        emit_json(stats)
+
+
+@cache_app.command("labels")
+@user_errors
+def cache_labels(
+    db: Optional[str] = typer.Option(None, help=DB_HELP),
+    teacher: str = typer.Option("local", help="Teacher spec."),
+    limit: int = typer.Option(30, min=1, help="How many labels to list."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """The teacher's vocabulary as seen in its answers: label, top-1 count, total score.
+
+    Example: distill cache labels --teacher local --limit 20
+    """
+    store = open_store(db)
+    try:
+        rows = _label_counts(store, teacher)
+    finally:
+        store.close()
+    for row in rows[:limit]:
+        err.print(f"  {row['top1']:6d}  {row['mass']:10.3f}  {row['label']}", markup=False)
+    if json_out:
+        emit_json({"teacher": teacher, "labels": rows[:limit], "distinct_labels": len(rows)})
+
+
+def _label_counts(store, spec: str) -> list[dict]:
+    from .teachers.resolve import stored_teacher
+
+    t = stored_teacher(store, spec)
+    top1: dict[str, int] = {}
+    mass: dict[str, float] = {}
+    for scores in store.answers(t["id"]).values():
+        if scores:
+            top1[scores[0][0]] = top1.get(scores[0][0], 0) + 1
+        for label, s in scores:
+            mass[label] = mass.get(label, 0.0) + s
+    rows = [{"label": k, "top1": top1.get(k, 0), "mass": round(v, 4)} for k, v in mass.items()]
+    return sorted(rows, key=lambda r: (-r["top1"], -r["mass"]))
+
+
+@cache_app.command("export")
+@user_errors
+def cache_export(
+    db: Optional[str] = typer.Option(None, help=DB_HELP),
+    teacher: Optional[str] = typer.Option(None, help="Only this teacher's answers."),
+) -> None:
+    """Every stored answer as JSON Lines on stdout (sha256, path, label, teacher, status, scores).
+
+    Example: distill cache export > answers.jsonl
+    """
+    store = open_store(db)
+    try:
+        sql = ("SELECT r.image, i.path, i.label, t.spec, r.status, r.http_status, r.error, r.scores"
+               " FROM responses r JOIN images i ON i.sha256 = r.image JOIN teachers t ON t.id = r.teacher")
+        params: list = []
+        if teacher:
+            sql += " WHERE t.spec = ?"
+            params.append(teacher)
+        for row in store.db.execute(sql + " ORDER BY r.image", params):
+            keys = ("sha256", "path", "label", "teacher", "status", "http_status", "error")
+            obj = dict(zip(keys, row[:7]))
+            obj["scores"] = json.loads(row[7]) if row[7] else None
+            sys.stdout.write(json.dumps(obj) + "\n")
+    finally:
+        store.close()
+
+
+@app.command()
+@user_errors
+def demo(
+    workdir: Path = typer.Option(Path("distill-demo"), help="Where the sample images, store and run go."),
+    epochs: int = typer.Option(30, min=1),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Harvest -> train -> eval on built-in sample photos with the local teacher (offline, no key).
+
+    Example: distill demo
+    """
+    from .demo import run_demo
+
+    result = run_demo(workdir, epochs=epochs, log=lambda msg: err.print(msg, markup=False))
+    if json_out:
+        emit_json(result)
+
+
+@app.command(name="serve-teacher")
+@user_errors
+def serve_teacher(
+    teacher: str = typer.Option(..., help="Local teacher to serve: local, timm:NAME[:CKPT], torchscript:PATH."),
+    wire_format: Optional[str] = typer.Option(None, "--format", help="Serve only this wire format: hf or google (default: both)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
+    port: int = typer.Option(8000, min=0, max=65535, help="Port to listen on (0: any free port)."),
+    token: Optional[str] = typer.Option(None, envvar="DISTILL_TEACHER_TOKEN", show_default=False,
+                                        help="Require this key: hf 'Bearer TOKEN', google '?key=TOKEN'."),
+    rate: Optional[float] = typer.Option(None, min=0.001, help="Requests per second; more get 429 with Retry-After."),
+    latency_ms: float = typer.Option(0.0, min=0.0, help="Milliseconds added to every request."),
+    fail_rate: float = typer.Option(0.0, min=0.0, max=1.0, help="Fraction of requests that fail (503, 500, dropped, garbage)."),
+) -> None:
+    """Serve a local teacher on the hf and google wire formats (self-hosting, demos, tests).
+
+    Example: distill serve-teacher --teacher local --port 8000 --rate 20 --fail-rate 0.1
+    """
+    from .server import FORMATS, ServeOptions, run_forever
+
+    if wire_format is not None:
+        _check_choice("--format", wire_format, FORMATS)
+    options = ServeOptions(
+        teacher=teacher, host=host, port=port, formats=(wire_format,) if wire_format else FORMATS,
+        token=token or None, rate=rate, latency_ms=latency_ms, fail_rate=fail_rate,
+    )
+    if not token and host not in ("127.0.0.1", "::1", "localhost"):
+        err.print(f"warning: serving on {host} without --token: anyone who can reach it can use it",
+                  markup=False)
+    run_forever(options, announce=lambda line: err.print(line, markup=False, highlight=False))
+
+
+def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise typer.BadParameter(f"{value!r}; choose one of {', '.join(choices)}", param_hint=flag)
+
+
+def _print_dict(title: str, d: dict) -> None:
+    flat = "  ".join(f"{k} {v}" for k, v in d.items() if not isinstance(v, (dict, list)))
+    err.print(f"{title}: {flat}", markup=False)
+
+
+def main() -> None:
+    app()

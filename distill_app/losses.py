@@ -1,0 +1,55 @@
+"""The distillation losses: the student's logits against the teacher's targets (and hard labels).
+
+``mse`` (the default, from the course this project grew from) compares probabilities; ``kl`` is
+Hinton et al. (2015): KL(teacher_T || student_T) scaled by T^2 so its gradients keep the same
+magnitude whatever the temperature. Teacher answers are stored as probabilities, not logits,
+so the teacher is softened as ``p^(1/T)`` renormalised, which equals ``softmax(log(p) / T)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LOSSES = ("mse", "kl")
+
+
+def soften(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B, C) probabilities raised to 1/T and renormalised: softmax(log p / T). T=1: unchanged."""
+    if temperature == 1.0:
+        return probs
+    # In log space: p^(1/T) underflows for small p and large 1/T; zeros stay zeros.
+    logp = torch.log(probs.clamp_min(0)) / temperature
+    return torch.softmax(logp, dim=1)
+
+
+def distill_loss(
+    logits: torch.Tensor,
+    soft_targets: torch.Tensor,
+    hard_labels: torch.Tensor | None,
+    kind: str = "mse",
+    temperature: float = 1.0,
+    hard_weight: float = 0.0,
+) -> torch.Tensor:
+    """Scalar loss for one batch.
+
+    logits: (B, C) student outputs (any dtype; computed in float32); soft_targets: (B, C) rows
+    summing to 1; hard_labels: (B,) int64 class indices (used when hard_weight > 0).
+    ``mse``: mean over batch and classes of (softmax(z/T) - target)^2, the target as stored.
+    ``kl``: T^2 * KL(soften(target, T) || softmax(z/T)), averaged over the batch.
+    Plus ``hard_weight`` * cross-entropy(z, hard_labels) at T=1.
+    """
+    z = logits.float()
+    t = float(temperature)
+    if kind == "mse":
+        loss = F.mse_loss(torch.softmax(z / t, dim=1), soft_targets)
+    elif kind == "kl":
+        target = soften(soft_targets, t)
+        loss = t * t * F.kl_div(torch.log_softmax(z / t, dim=1), target, reduction="batchmean")
+    else:
+        raise ValueError(f"unknown loss {kind!r}; valid: {', '.join(LOSSES)}")
+    if hard_weight:
+        if hard_labels is None:
+            raise ValueError("hard_weight > 0 needs hard_labels")
+        loss = loss + hard_weight * F.cross_entropy(z, hard_labels)
+    return loss

@@ -1,0 +1,241 @@
+"""The trainer on a tiny real dataset: 24 coloured PNGs in class folders, answers stored in a
+real SQLite store as a teacher would have left them (the big teacher itself is not run)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cache import ImageRow, Response, open_store
+from distill_app.checkpoint import load_student
+from distill_app.errors import DistillError
+from distill_app.images import sha256_bytes
+from distill_app.train import (TrainConfig, augment, crop_padding, epoch_batches, get_lr, parse_teacher,
+                               split_val, to_input, train)
+
+COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
+# What an ImageNet teacher might say about a mostly-red, -green or -blue picture.
+TEACHER_LABELS = {"red": "fire engine", "green": "green lizard", "blue": "blue jay"}
+TEACHER = "local:efficientnet_lite0"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny convolutions gain nothing from a second thread, and on a shared 2-core machine
+    # OpenMP's spinning barriers make each step 10-100x slower under load.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def workspace(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILL_CACHE_DIR", str(tmp_path / "pixel-cache"))
+    monkeypatch.delenv("DISTILL_DB", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def make_dataset(root, per_class=8, seed=0):
+    """Class folders of noisy 40x40 PNGs; returns [(sha256, path, label, width, height, bytes)]."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for label, colour in COLOURS.items():
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 30, (40, 40, 3)), 0, 255).astype(np.uint8)
+            path = root / label / f"{i}.png"
+            Image.fromarray(pixels).save(path)
+            data = path.read_bytes()
+            rows.append((sha256_bytes(data), str(path), label, 40, 40, len(data)))
+    (root / "notes.txt").write_text("not an image")  # skipped
+    (root / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")  # skipped
+    return rows
+
+
+def store_answers(db, rows, spec=TEACHER, kind="distribution", top_k=None, seed=1):
+    """Realistic soft answers: ~0.7 on the right label, the rest spread over the others."""
+    rng = np.random.default_rng(seed)
+    store = open_store(str(db))
+    try:
+        store.add_images(ImageRow(sha, path, w, h, n, label) for sha, path, label, w, h, n in rows)
+        teacher = store.teacher_id(spec, kind)
+        responses = []
+        for sha, _, label, *_ in rows:
+            logits = rng.normal(0, 0.5, 4)
+            logits[list(COLOURS).index(label)] += 2.5
+            probs = np.exp(logits) / np.exp(logits).sum()
+            names = [*TEACHER_LABELS.values(), "window screen"]
+            scores = sorted(zip(names, probs.tolist()), key=lambda p: -p[1])[:top_k]
+            responses.append(Response(sha, scores, raw=json.dumps(scores)))
+        store.record(teacher, responses)
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def dataset(workspace):
+    rows = make_dataset(workspace / "photos")
+    store_answers(workspace / "distill.db", rows)
+    return workspace
+
+
+def config(root, **overrides) -> TrainConfig:
+    base = dict(images=str(root / "photos"), db=str(root / "distill.db"), teachers=["local"],
+                width=0.35, image_size=32, epochs=2, batch_size=8, val_fraction=0.25, device="cpu")
+    return TrainConfig(**{**base, **overrides})
+
+
+def test_train_writes_a_complete_run_folder(dataset):
+    calls = []
+    summary = train(config(dataset), progress=lambda *a: calls.append(a))
+    out = dataset / "runs" / "mobilenetv2-1"  # the default --out, next free n
+    assert summary["out"] == str(Path("runs", "mobilenetv2-1"))
+    for name in ("model.pt", "config.json", "metrics.jsonl", "last.pt", "curves.png"):
+        assert (out / name).stat().st_size > 0, name
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]
+    for m in lines:
+        assert math.isfinite(m["train_loss"]) and math.isfinite(m["val_loss"])
+        assert 0 <= m["val_accuracy"] <= 1 and 0 <= m["val_agreement"] <= 1 and m["images_per_s"] > 0
+    assert summary["images"]["train"] + summary["images"]["val"] == 24
+    assert summary["images"]["val"] >= 1 and summary["skipped"] == 2 and summary["classes"] == 4
+    assert summary["best_epoch"] in (1, 2)
+    model, meta = load_student(out)
+    assert set(meta["classes"][:3]) == set(TEACHER_LABELS.values())  # most mass first
+    assert meta["classes"][3] == "window screen"
+    assert meta["teachers"] == [TEACHER] and meta["student"]["image_size"] == 32
+    assert meta["student"]["mean"] == [0.485, 0.456, 0.406]
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["teachers"] == [TEACHER] and saved["out"] == summary["out"]
+    phases = {c[3]["phase"] for c in calls}
+    assert {"images", "pixels", "train", "epoch"} <= phases
+
+
+def test_kl_loss_hard_targets_and_hard_weight_train(dataset):
+    summary = train(config(dataset, epochs=1, loss="kl", targets="hard", temperature=2.0,
+                           hard_weight=0.5, out="runs/kl"))
+    line = json.loads((dataset / "runs/kl/metrics.jsonl").read_text())
+    assert math.isfinite(line["train_loss"]) and summary["epochs"] == 1
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(dataset):
+    train(config(dataset, out="straight"))
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_in_epoch_2(epoch, step, steps, info):
+        if epoch == 2:
+            raise Interrupt  # killed during the second epoch, after last.pt of the first
+
+    with pytest.raises(Interrupt):
+        train(config(dataset, out="resumed"), progress=stop_in_epoch_2)
+    assert torch.load(dataset / "resumed/last.pt", weights_only=True)["epoch"] == 1
+    # Flags left at their defaults on resume: the run's own configuration is kept.
+    summary = train(TrainConfig(images=str(dataset / "photos"), db=str(dataset / "distill.db"),
+                                out="resumed", resume=True, epochs=2, device="cpu"))
+    assert summary["epochs"] == 2
+    straight = torch.load(dataset / "straight/last.pt", weights_only=True)
+    resumed = torch.load(dataset / "resumed/last.pt", weights_only=True)
+    assert straight["step"] == resumed["step"]
+    for key, value in straight["model"].items():
+        assert torch.allclose(value.float(), resumed["model"][key].float()), key
+    assert len((dataset / "resumed/metrics.jsonl").read_text().splitlines()) == 2
+    assert straight["history"][1]["val_loss"] == pytest.approx(resumed["history"][1]["val_loss"])
+
+
+def test_ensemble_with_label_map_and_other(dataset):
+    store_answers(dataset / "distill.db", _rows_of(dataset / "photos"), spec="hf:acme/vit", kind="topk",
+                  top_k=2, seed=9)
+    (dataset / "map.toml").write_text('warm = ["Fire Engine"]\ncool = ["re:(green|blue) .*"]\n')
+    summary = train(config(dataset, epochs=1, teachers=["local", "hf:acme/vit@0.5"],
+                           label_map=str(dataset / "map.toml"), other=True, out="ens"))
+    _, meta = load_student(dataset / "ens")
+    assert meta["classes"] == ["warm", "cool", "other"]
+    assert meta["teachers"] == [TEACHER, "hf:acme/vit@0.5"]
+    assert meta["label_map"] == {"warm": ["Fire Engine"], "cool": ["re:(green|blue) .*"]}
+    assert summary["classes"] == 3
+
+
+def _rows_of(folder):
+    rows = []
+    for path in sorted(folder.rglob("*.png")):
+        data = path.read_bytes()
+        if path.name != "broken.png":
+            rows.append((sha256_bytes(data), str(path), path.parent.name, 40, 40, len(data)))
+    return rows
+
+
+def test_unknown_teacher_says_to_harvest_first(dataset):
+    with pytest.raises(DistillError, match=r"no answers from teacher '?hf:nobody/none.*distill harvest --teacher hf:nobody/none"):
+        train(config(dataset, teachers=["hf:nobody/none"]))
+
+
+def test_missing_database_and_images_are_user_errors(dataset):
+    with pytest.raises(DistillError, match="not found"):
+        train(config(dataset, db=str(dataset / "nope.db")))
+    with pytest.raises(DistillError, match="not a folder"):
+        train(config(dataset, images=str(dataset / "nowhere")))
+    with pytest.raises(DistillError, match="--targets"):
+        train(config(dataset, targets="medium"))
+
+
+def test_existing_run_needs_resume_and_resume_needs_a_run(dataset):
+    (dataset / "runs/taken").mkdir(parents=True)
+    (dataset / "runs/taken/last.pt").write_bytes(b"")
+    with pytest.raises(DistillError, match="--resume"):
+        train(config(dataset, out="runs/taken"))
+    with pytest.raises(DistillError, match="nothing to resume"):
+        train(config(dataset, out="runs/empty", resume=True))
+
+
+# -- the pure helpers --------------------------------------------------------------------------
+
+
+def test_parse_teacher_weights_and_alias():
+    assert parse_teacher("local") == (TEACHER, 1.0)
+    assert parse_teacher("hf:a/b@0.3") == ("hf:a/b", 0.3)
+    assert parse_teacher("torchscript:/m@v2/model.pt") == ("torchscript:/m@v2/model.pt", 1.0)
+    with pytest.raises(DistillError, match="positive"):
+        parse_teacher("google@0")
+
+
+def test_split_is_stable_and_never_leaves_a_side_empty():
+    shas = [f"{i:08x}" + "0" * 56 for i in range(0, 5000, 7)]
+    first, again = split_val(shas, 0.1), split_val(list(shas), 0.1)
+    assert (first == again).all() and 0.05 < first.mean() < 0.15
+    tiny = ["ffffffff" + "0" * 56, "fffffffe" + "0" * 56]
+    assert split_val(tiny, 0.1).sum() == 1
+
+
+def test_lr_warms_up_then_decays():
+    lrs = [get_lr(s, 100, 10, 1.0) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 0.02
+
+
+def test_augment_crops_and_flips_within_the_image():
+    x = torch.arange(2 * 32 * 32 * 3, dtype=torch.int64).remainder(256).to(torch.uint8).view(2, 32, 32, 3)
+    out = augment(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    assert set(out[0].flatten().tolist()) <= set(x[0].flatten().tolist())
+    same = augment(x, torch.Generator().manual_seed(0))
+    assert torch.equal(out, same)
+    assert crop_padding(32) == 4 and crop_padding(224) == 28
+    normalised = to_input(x)
+    assert normalised.shape == (2, 3, 32, 32) and normalised.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_batches_never_end_with_a_single_image():
+    batches = epoch_batches(np.arange(17), 8, seed=0, epoch=1)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(17))
+    assert [len(b) for b in batches] == [8, 9]
