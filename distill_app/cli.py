@@ -202,31 +202,54 @@ def cache_stats(
 def cache_labels(
     db: Optional[str] = typer.Option(None, help=DB_HELP),
     teacher: str = typer.Option("local", help="Teacher spec."),
+    label_map: Optional[Path] = typer.Option(None, help="Check this label map against the answers."),
     limit: int = typer.Option(30, min=1, help="How many labels to list."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """The teacher's vocabulary as seen in its answers: label, top-1 count, total score.
+    """The teacher's vocabulary as seen in its answers (top-1 count, total score), or with
+    --label-map, what the map covers: labels and mass per class, and what falls outside.
 
-    Example: distill cache labels --teacher local --limit 20
+    Example: distill cache labels --teacher local --label-map classes.toml
     """
+    from .teachers.resolve import stored_teacher
+
     store = open_store(db)
     try:
-        rows = _label_counts(store, teacher)
+        answers = store.answers(stored_teacher(store, teacher)["id"])
     finally:
         store.close()
+    if label_map:
+        from .label_check import check_label_map
+        from .targets import load_label_map
+
+        report = check_label_map(answers, load_label_map(label_map), top=limit)
+        _print_label_check(report)
+        if json_out:
+            emit_json(report)
+        return
+    rows = _label_counts(answers)
     for row in rows[:limit]:
         err.print(f"  {row['top1']:6d}  {row['mass']:10.3f}  {row['label']}", markup=False)
     if json_out:
         emit_json({"teacher": teacher, "labels": rows[:limit], "distinct_labels": len(rows)})
 
 
-def _label_counts(store, spec: str) -> list[dict]:
-    from .teachers.resolve import stored_teacher
+def _print_label_check(r: dict) -> None:
+    err.print(f"{r['answers']} answers; the map covers {r['mapped_mass_share']:.1%} of the returned "
+              f"mass and {r['mapped_top1_share']:.1%} of top-1 labels", markup=False)
+    for c in r["classes"]:
+        labels = ", ".join(f"{x['label']} ({x['mass']})" for x in c["labels"][:4]) or "NOTHING MAPPED"
+        err.print(f"  {c['class']:<20} top-1 {c['top1']:6d}  mass {c['mass']:10.3f}  <- {labels}", markup=False)
+    if r["unmapped"]:
+        err.print("outside the map (top-1 count, mass):", markup=False)
+        for u in r["unmapped"]:
+            err.print(f"  {u['top1']:6d}  {u['mass']:10.3f}  {u['label']}", markup=False)
 
-    t = stored_teacher(store, spec)
+
+def _label_counts(answers: dict) -> list[dict]:
     top1: dict[str, int] = {}
     mass: dict[str, float] = {}
-    for scores in store.answers(t["id"]).values():
+    for scores in answers.values():
         if scores:
             top1[scores[0][0]] = top1.get(scores[0][0], 0) + 1
         for label, s in scores:
