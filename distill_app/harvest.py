@@ -175,8 +175,9 @@ def ingest(store: Store, images_dir: str, summary: Summary) -> dict[str, str]:
             skipped[loaded.reason] += 1
             continue
         paths.setdefault(loaded.sha256, loaded.path)
-        rows.append(ImageRow(loaded.sha256, loaded.path, loaded.width, loaded.height,
-                             len(loaded.data), loaded.label))
+        rows.append(ImageRow(loaded.sha256, imgs.display_path(loaded.path), loaded.width, loaded.height,
+                             len(loaded.data),
+                             loaded.label and imgs.display_path(loaded.label)))
         if len(rows) >= 500:
             store.add_images(rows)
             rows = []

@@ -75,6 +75,12 @@ def scan(root: str | os.PathLike) -> tuple[list[ImageFile], list[Skip]]:
     return files, skips
 
 
+def display_path(path: str) -> str:
+    """``path`` as valid UTF-8 text for the store and for printing: bytes of a non-UTF-8 file
+    name (kept by Python as surrogates) become U+FFFD. Files are always opened by the real path."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -112,12 +118,45 @@ def check_decodes(data: bytes) -> tuple[int, int]:
     return width, height
 
 
+def open_image(data: bytes) -> Image.Image:
+    """Open encoded bytes, refusing decompression bombs on the header, before any decoding."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise ValueError(f"too many pixels (limit {MAX_PIXELS:,})") from None
+    except Exception as e:
+        raise ValueError(f"not a readable image: {type(e).__name__}") from None
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ValueError(f"{width}x{height} is over the {MAX_PIXELS:,} pixel limit")
+    return image
+
+
+def has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """8-bit RGB, whatever the mode: 16-bit greyscale is scaled (not clipped), CMYK and palettes
+    converted, transparency composited on white (what a viewer shows)."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        image = image.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+    if has_alpha(image):
+        image = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
+    return image.convert("RGB")
+
+
 def decode_rgb(data: bytes) -> Image.Image:
-    """Decode to an RGB image with EXIF orientation applied (alpha composited on white)."""
-    im = Image.open(io.BytesIO(data))
-    im = ImageOps.exif_transpose(im)
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        im = im.convert("RGBA")
-        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(background, im)
-    return im.convert("RGB")
+    """Decode to an upright 8-bit RGB image (EXIF orientation applied; first frame of animations).
+
+    Raises ValueError with a short reason for anything undecodable or too large.
+    """
+    image = open_image(data)
+    try:
+        with image:
+            return to_rgb8(ImageOps.exif_transpose(image))
+    except ValueError:
+        raise
+    except Exception as e:  # truncated data and friends surface only when pixels are read
+        raise ValueError(f"not a readable image: {type(e).__name__}") from None

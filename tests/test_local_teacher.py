@@ -12,6 +12,7 @@ from torch import nn
 from distill_app.device import resolve_device
 from distill_app.errors import DistillError
 from distill_app.teachers import DISTRIBUTION, TeacherOptions, create_teacher
+from distill_app import images as images_module
 from distill_app.teachers import local as local_module
 
 CAT_PATH = os.path.join(os.path.dirname(skimage.__file__), "data", "chelsea.png")
@@ -64,7 +65,7 @@ def test_bad_image_fails_alone(lite0, cat_bytes):
 
 
 def test_pixel_limit_stops_decompression_bombs(lite0, monkeypatch):
-    monkeypatch.setattr(local_module, "MAX_PIXELS", 100)
+    monkeypatch.setattr(images_module, "MAX_PIXELS", 100)
     [answer] = lite0.classify([png_bytes(size=(20, 20))])
     assert not answer.ok and "pixel limit" in answer.error
 

@@ -16,7 +16,6 @@ missing file, unknown model name) still fail at construction.
 from __future__ import annotations
 
 import importlib
-import io
 import os
 import threading
 import time
@@ -25,15 +24,12 @@ from functools import partial
 from typing import Any, Callable
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..device import resolve_device
 from ..errors import DistillError
+from ..images import decode_rgb
 from .base import DISTRIBUTION, Answer, Teacher, TeacherOptions, register
 
-# Decompression-bomb guard: a 64-megapixel photo is already far above any camera we expect, and
-# the check happens on the header, before a single pixel is decoded.
-MAX_PIXELS = 64_000_000
 # Probabilities below this are noise for training targets and bloat the cache ~100x.
 MIN_PROB = 1e-4
 LITE_VARIANTS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
@@ -124,7 +120,7 @@ class LocalTeacher(Teacher):
         tensors: list[torch.Tensor] = []
         for i, data in enumerate(images):
             try:
-                tensors.append(transform(decode_image(data)))
+                tensors.append(transform(decode_rgb(data)))
                 good.append(i)
             except Exception as exc:  # any bad input is that image's failure, never the batch's
                 answers[i] = Answer(scores=None, error=f"cannot decode image: {_short(exc)}")
@@ -164,20 +160,6 @@ class LocalTeacher(Teacher):
         if self.options.top_k:
             keep = min(keep, self.options.top_k)
         return [(labels[j], p) for p, j in zip(values[:keep].tolist(), order[:keep].tolist())]
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """Encoded bytes -> upright RGB PIL image; raises on anything undecodable or too large."""
-    try:
-        image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise ValueError("not a recognised image format") from None
-    with image:
-        width, height = image.size
-        if width * height > MAX_PIXELS:
-            raise ValueError(f"{width}x{height} is over the {MAX_PIXELS:,} pixel limit")
-        # Phones store rotation in EXIF; the teacher must see the photo the way people do.
-        return ImageOps.exif_transpose(image).convert("RGB")
 
 
 def _short(exc: BaseException) -> str:
