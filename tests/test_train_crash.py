@@ -1,0 +1,71 @@
+"""A killed training run resumes from its last checkpoint; a failed checkpoint write keeps the old one."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cache import ImageRow, Response, open_store
+from distill_app import checkpoint
+from distill_app.checkpoint import atomic_save, load_student
+from distill_app.images import load, scan
+
+
+def _store_answers(photos, db="t.db"):
+    """Answers stored straight into a real store (the teacher itself is tested elsewhere)."""
+    store = open_store(db)
+    loaded = [load(f) for f in scan(photos)[0]]
+    store.add_images([ImageRow(x.sha256, x.path, x.width, x.height, len(x.data), x.label) for x in loaded])
+    t = store.teacher_id("local:efficientnet_lite0", "distribution")
+    store.record(t, [Response(x.sha256, [(x.label, 0.8), ("other thing", 0.2)]) for x in loaded])
+    store.close()
+
+
+def test_sigkill_then_resume(photos, tmp_path):
+    _store_answers(photos)
+    args = [sys.executable, "-m", "distill_app", "train", "--images", str(photos), "--db", "t.db",
+            "--width", "0.35", "--image-size", "32", "--batch-size", "2", "--out", "run", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args + ["--epochs", "40"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "training ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(metrics.read_text().splitlines())
+    assert not list((tmp_path / "run").glob(".*.tmp"))  # no half-written file left to trust
+    res = subprocess.run(args + ["--epochs", str(done + 1), "--resume"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["epochs"] == done + 1
+    lines = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == list(range(1, done + 2))  # continued, not restarted
+    load_student(tmp_path / "run")
+
+
+def test_disk_full_while_writing_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    target = tmp_path / "last.pt"
+    atomic_save({"epoch": 1}, target)
+
+    def full_disk(obj, f, *a, **kw):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(OSError):
+        atomic_save({"epoch": 2}, target)
+    monkeypatch.undo()
+    assert torch.load(target, weights_only=True) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
