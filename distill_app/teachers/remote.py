@@ -9,6 +9,7 @@ maps onto what the harvest does with it:
 ===============================================  =============================================
 401, 403                                         AuthError: the run stops, naming the variable
 3xx, 404, 405                                    DistillError: the URL is wrong, the run stops
+a TLS certificate that does not verify           DistillError: the run stops (never unverified)
 408, 425, 429, 5xx, timeout, dropped connection  TransientError: retried (Retry-After honoured)
 200 with a body that is not JSON                 TransientError "malformed answer"
 other 4xx (400, 413, 415...)                     failed Answers for that request's images
@@ -328,6 +329,9 @@ class RemoteTeacher(Teacher):
                                         **kwargs)
         except requests.Timeout:
             raise TransientError("timeout") from None
+        except requests.exceptions.SSLError as e:
+            self._check_tls(e)
+            raise TransientError("connection dropped") from None
         except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
             refused = "refused" in str(e) or "NewConnectionError" in str(e)
             raise TransientError("connection refused" if refused else "connection dropped") from None
@@ -336,6 +340,20 @@ class RemoteTeacher(Teacher):
         latency_ms = (time.perf_counter() - start) * 1000.0 / max(n_images, 1)
         self._check_status(resp)
         return resp, latency_ms
+
+    def _check_tls(self, error: requests.exceptions.SSLError) -> None:
+        """A certificate that does not verify stops the run: retrying cannot fix it, and
+        verification is never turned off. Other TLS errors (a cut handshake) are transient.
+        The message names the host and the reason only: str(error) holds the URL (and key)."""
+        why = re.search(r"certificate verify failed: ([^(\"]+?)\.?\s*(?:\(_ssl|\"|\)|$)", str(error))
+        if why is None:
+            return
+        host = urlsplit(self.endpoint).hostname
+        raise DistillError(
+            f"{self.spec}: the TLS certificate of {host} is not trusted ({why.group(1).strip()}); "
+            "distill always verifies certificates: use one signed by a trusted CA "
+            "(REQUESTS_CA_BUNDLE=FILE adds a CA), or plain http:// to a server on loopback"
+        ) from None
 
     def _check_status(self, resp: requests.Response) -> None:
         status = resp.status_code
@@ -384,6 +402,9 @@ class RemoteTeacher(Teacher):
                           error=f"malformed answer: {self._redact(str(e))}", latency_ms=latency_ms)
         if self.options.top_k:
             scores = scores[: self.options.top_k]
+        # A proxy that echoes the request (Google's ?key=) must not put the key in a stored label.
+        # Labels, not the text before parsing: a short key could otherwise cut the JSON itself.
+        scores = [(self._redact(label), score) for label, score in scores]
         return Answer(scores, raw=self._redact(text), http_status=status, latency_ms=latency_ms)
 
 
