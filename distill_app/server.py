@@ -27,6 +27,7 @@ import logging
 import math
 import random
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -163,6 +164,12 @@ class TeacherService:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a stuck client must not keep the process alive on Ctrl-C
     service: TeacherService
+
+    def handle_error(self, request, client_address) -> None:
+        # A client that hangs up (killed harvester, client timeout) is routine, not a traceback.
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
 
 
 class _Server6(_Server):

@@ -6,7 +6,9 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
+from torch import nn
 
 from distill_app.demo import make_variants, sample_photo_paths
 
@@ -37,3 +39,25 @@ def write_photos(root: Path, classes=("cat", "coffee"), per_class: int = 4, size
 @pytest.fixture
 def photos(tmp_path) -> Path:
     return write_photos(tmp_path / "photos")
+
+
+class TinyTeacher(nn.Module):
+    """(N, 3, H, W) -> (N, 10) logits from the mean colour: a real, fast local model whose
+    answers differ between photos (for the HTTP tests, served by serve-teacher)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(3, 10)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.linspace(-3, 3, 30).reshape(10, 3))
+            self.fc.bias.copy_(torch.linspace(-1, 1, 10))
+
+    def forward(self, x):
+        return self.fc(self.pool(x).flatten(1))
+
+
+def save_tiny_teacher(path: Path) -> Path:
+    """Script and save :class:`TinyTeacher` at ``path``; use it as ``torchscript:PATH``."""
+    torch.jit.save(torch.jit.script(TinyTeacher()), str(path))
+    return path

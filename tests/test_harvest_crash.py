@@ -11,10 +11,8 @@ import time
 
 import pytest
 import requests
-import torch
-from torch import nn
 
-from conftest import write_photos
+from conftest import save_tiny_teacher, write_photos
 from distill_app.server import ServeOptions, endpoints, serve, server_url, stop
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit: deprecated, supported
@@ -23,21 +21,12 @@ TOKEN = "crash-token-77aa"
 CONCURRENCY = 4
 
 
-class TinyTeacher(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(3, 10)
-
-    def forward(self, x):
-        return self.fc(self.pool(x).flatten(1))
 
 
 @pytest.fixture
 def server(tmp_path):
     path = tmp_path / "tiny-teacher.pt"
-    torch.manual_seed(0)
-    torch.jit.save(torch.jit.script(TinyTeacher()), str(path))
+    save_tiny_teacher(path)
     server, _ = serve(ServeOptions(teacher=f"torchscript:{path}", port=0, device="cpu", token=TOKEN,
                                    latency_ms=100))
     yield server

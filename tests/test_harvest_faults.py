@@ -7,13 +7,11 @@ import os
 
 import pytest
 import requests
-import torch
 from PIL import Image
-from torch import nn
 from typer.testing import CliRunner
 
 from cache import open_store
-from conftest import write_photos
+from conftest import save_tiny_teacher, write_photos
 from distill_app.cli import app
 from distill_app.harvest import HarvestConfig, harvest
 from distill_app.server import ServeOptions, endpoints, serve, server_url, stop
@@ -24,22 +22,12 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit: d
 TOKEN = "server-token-31d9"
 
 
-class TinyTeacher(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(3, 10)
-        with torch.no_grad():
-            self.fc.weight.copy_(torch.linspace(-3, 3, 30).reshape(10, 3))
-
-    def forward(self, x):
-        return self.fc(self.pool(x).flatten(1))
 
 
 @pytest.fixture
 def start_server(tmp_path):
     path = tmp_path / "tiny-teacher.pt"
-    torch.jit.save(torch.jit.script(TinyTeacher()), str(path))
+    save_tiny_teacher(path)
     servers = []
 
     def start(**kwargs):

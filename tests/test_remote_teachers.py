@@ -19,14 +19,12 @@ from pathlib import Path
 
 import pytest
 import requests
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from torch import nn
 
 from cache import open_store
-from conftest import write_photos
+from conftest import save_tiny_teacher, write_photos
 from distill_app.errors import DistillError
 from distill_app.harvest import HarvestConfig, harvest
 from distill_app.server import ServeOptions, endpoints, serve, server_url, stop
@@ -46,25 +44,12 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit: d
 TOKEN = "test-token-5e1f0c"
 
 
-class TinyTeacher(nn.Module):
-    """(N, 3, H, W) -> (N, 10) logits from the mean colour: different photos, different answers."""
-
-    def __init__(self):
-        super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(3, 10)
-        with torch.no_grad():
-            self.fc.weight.copy_(torch.linspace(-3, 3, 30).reshape(10, 3))
-            self.fc.bias.copy_(torch.linspace(-1, 1, 10))
-
-    def forward(self, x):
-        return self.fc(self.pool(x).flatten(1))
 
 
 @pytest.fixture
 def teacher_spec(tmp_path):
     path = tmp_path / "tiny-teacher.pt"
-    torch.jit.save(torch.jit.script(TinyTeacher()), str(path))
+    save_tiny_teacher(path)
     return f"torchscript:{path}"
 
 

@@ -31,11 +31,10 @@ import pytest
 import requests
 import torch
 from PIL import Image
-from torch import nn
 from typer.testing import CliRunner
 
 from cache import open_store
-from conftest import write_photos
+from conftest import save_tiny_teacher, write_photos
 from distill_app import harvest as harvest_module
 from distill_app import pacing
 from distill_app.checkpoint import read_student
@@ -58,14 +57,6 @@ def leaked(blob: bytes) -> list[str]:
     return [k for k in KEYS if k.encode() in blob or quote(k, safe="").encode() in blob]
 
 
-class TinyTeacher(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(3, 10)
-
-    def forward(self, x):
-        return self.fc(self.pool(x).flatten(1))
 
 
 class Echo(BaseHTTPRequestHandler):
@@ -101,8 +92,7 @@ class Echo(BaseHTTPRequestHandler):
 @pytest.fixture
 def servers(tmp_path):
     model = tmp_path / "tiny.pt"
-    torch.manual_seed(0)
-    torch.jit.save(torch.jit.script(TinyTeacher()), str(model))
+    save_tiny_teacher(model)
     started = []
 
     def start(**kwargs):
