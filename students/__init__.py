@@ -1,7 +1,7 @@
 """Student architectures and their registry: MobileNetV2 (width alpha, resolution rho) and any
 timm model by name. No CLI, no HTTP: the application builds on this, never the reverse."""
 
-from . import mobilenetv2  # noqa: F401  (registers "mobilenetv2")
+from . import mobilenetv2, pruned  # noqa: F401  (register "mobilenetv2", "mobilenetv2_pruned")
 from .measure import count_macs, count_params
 from .registry import (
     STUDENT_MEAN,

@@ -197,4 +197,4 @@ def _first_line(exc: BaseException) -> str:
 
 def _load_builtins() -> None:
     # Importing runs the @register_student decorators, as a plugin's import would.
-    from . import mobilenetv2  # noqa: F401
+    from . import mobilenetv2, pruned  # noqa: F401
