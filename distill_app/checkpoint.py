@@ -29,9 +29,13 @@ FORMAT = "distill-student/1"
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 
-    A crash (or a full disk) mid-write leaves the previous file intact.
+    A crash (or a full disk) mid-write leaves the previous file intact; a kill may leave a
+    stray temporary file, which the next save removes. One writer per file (rank 0).
     """
     path = Path(path)
+    # A temporary file of an earlier writer that was killed mid-write: never trusted, removed.
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

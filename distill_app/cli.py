@@ -117,13 +117,18 @@ def train(
     workers: int = typer.Option(0, min=0, help="DataLoader worker processes."),
     pretrained: bool = typer.Option(False, "--pretrained", help="Start from ImageNet weights (needs network or --init)."),
     init: Optional[Path] = typer.Option(None, help="Initial weights file for the student."),
+    accum_steps: int = typer.Option(1, min=1, help="Forward passes per optimizer step (gradient accumulation): "
+                                    "each sees batch-size / (processes x N) images."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the student: for GPUs, slower on CPU (warns and runs without if it fails)."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Train a student on the teacher's stored soft labels.
 
     Example: distill train --images photos/ --label-map classes.toml --width 0.5 --image-size 128
+
+    Several GPUs: torchrun --nproc-per-node 4 $(which distill) train ... (docs/distributed.md)
     """
-    from .train import TrainConfig, train as run_train
+    from .train import TrainConfig, is_main_process, train as run_train
 
     _check_choice("--targets", targets, ("soft", "hard"))
     _check_choice("--loss", loss, ("mse", "kl"))
@@ -134,7 +139,11 @@ def train(
         batch_size=batch_size, lr=lr, targets=targets, loss=loss, temperature=temperature,
         hard_weight=hard_weight, out=str(out) if out else None, device=device, resume=resume,
         seed=seed, num_workers=workers, pretrained=pretrained, init=str(init) if init else None,
+        accum_steps=accum_steps, compile=compile_model,
     )
+    if not is_main_process():  # under torchrun, rank 0 alone shows progress and prints
+        run_train(cfg)
+        return
     with progress("train") as update:
         summary = run_train(cfg, progress=lambda epoch, step, steps, info: update(step, steps))
     _print_dict("trained", summary)
@@ -332,6 +341,92 @@ def serve_teacher(
         err.print(f"warning: serving on {host} without --token: anyone who can reach it can use it",
                   markup=False)
     run_forever(options, announce=lambda line: err.print(line, markup=False, highlight=False))
+
+
+@app.command()
+@user_errors
+def export(
+    student: Path = typer.Option(..., help="Run folder written by `distill train` (or its model.pt)."),
+    fmt: str = typer.Option(..., "--format", help="onnx or torchscript."),
+    int8: bool = typer.Option(False, "--int8", help="Post-training static int8 quantization, calibrated on images."),
+    out: Optional[Path] = typer.Option(None, help="Output file (default: <run>/model[.int8].onnx or .torchscript.pt)."),
+    calib_images: Optional[Path] = typer.Option(None, help="--int8: calibration images (default: harvested ones in --db, from the student's training folder)."),
+    images: Optional[Path] = typer.Option(None, help="Labelled images to check and compare on (default: the calibration images)."),
+    db: Optional[str] = typer.Option(None, help=DB_HELP),
+    calib_count: int = typer.Option(128, min=1, help="--int8: calibration images to use at most."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for the latency figures (default: PyTorch's)."),
+    latency_runs: int = typer.Option(10, min=1, help="Timed runs per model and batch size (median)."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Export a student to ONNX (checked with onnxruntime) or TorchScript, optionally int8.
+
+    Example: distill export --student runs/mobilenetv2-1 --format onnx --int8 --images photos/val
+    """
+    from .export import FORMATS, ExportConfig, export_student
+
+    _check_choice("--format", fmt, FORMATS)
+    result = export_student(ExportConfig(
+        student=str(student), format=fmt, out=str(out) if out else None, int8=int8,
+        calib_images=str(calib_images) if calib_images else None, images=str(images) if images else None,
+        db=db, calib_count=calib_count, threads=threads, latency_runs=latency_runs))
+    _print_export(result)
+    if json_out:
+        emit_json(result)
+
+
+def _print_export(r: dict) -> None:
+    err.print(f"wrote {r['out']} ({r['file_bytes'] / 1e6:.2f} MB)", markup=False)
+    c = r["check"]
+    err.print(f"checked with {c['runtime']} on {c['inputs']}: max abs difference {c['max_abs_diff']:.2e}",
+              markup=False)
+    q = r.get("quantization")
+    if q:
+        err.print(f"calibrated on {q['calibration']['source']}; compared on {q['compared_on']['source']} "
+                  f"({q['threads']} threads)", markup=False)
+        for m in q["models"]:
+            size = f"{m['file_bytes'] / 1e6:.2f} MB" if m["file_bytes"] else "-"
+            err.print(f"  {m['name']:<18} accuracy {m['accuracy']}  agreement {m['agreement']}  "
+                      f"batch 1 {m['ms_batch1']} ms  batch {m['batch']} {m['ms_batch']} ms  {size}", markup=False)
+        err.print(f"accuracy change {q['accuracy_change']}  speed-up at batch 1 {q['speedup_batch1']}x "
+                  f"({q['speedup_batch1_vs_pytorch']}x over PyTorch fp32)", markup=False)
+
+
+@app.command()
+@user_errors
+def prune(
+    student: Path = typer.Option(..., help="Run folder of a trained mobilenetv2 student (or its model.pt)."),
+    amount: float = typer.Option(0.3, help="Fraction of hidden channels to remove, between 0 and 1."),
+    steps: int = typer.Option(1, min=1, help="Prune in this many slices, fine-tuning after each."),
+    epochs: int = typer.Option(3, min=0, help="Fine-tuning epochs after each slice."),
+    images: Optional[Path] = typer.Option(None, help="Training images (default: the ones the student was trained on)."),
+    db: Optional[str] = typer.Option(None, help=DB_HELP + " Must hold the teacher's answers."),
+    out: Optional[Path] = typer.Option(None, help="New run folder (default: <run>-pruned<percent>)."),
+    batch_size: int = typer.Option(64, min=2),
+    lr: float = typer.Option(1e-3, help="Peak fine-tuning learning rate (AdamW, cosine)."),
+    head: bool = typer.Option(True, "--head/--no-head", help="Also prune the last 1x1 convolution."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Remove the weakest channels of a MobileNetV2 student (L1 norm), then fine-tune it on the teacher's answers.
+
+    Example: distill prune --student runs/mobilenetv2-1 --amount 0.3 --steps 2 --epochs 3
+    """
+    from .prune import PruneConfig, prune_student
+
+    cfg = PruneConfig(student=str(student), amount=amount, steps=steps, epochs=epochs,
+                      images=str(images) if images else None, db=db, out=str(out) if out else None,
+                      batch_size=batch_size, lr=lr, head=head, device=device)
+    with progress("fine-tune") as update:
+        result = prune_student(cfg, progress=lambda step, done, total, info: update(done, total))
+    for when in ("before", "after"):
+        r = result[when]
+        err.print(f"{when:<7} parameters {r['parameters']:,}  MACs {r['macs'] / 1e6:.1f} M  "
+                  f"batch 1 {r['ms_batch1']} ms  batch 32 {r['ms_batch32']} ms  "
+                  f"val accuracy {r['val_accuracy']:.4f}  agreement {r['val_agreement']:.4f}", markup=False)
+    err.print(f"wrote {result['out']} ({result['latency']['threads']} threads, "
+              f"{result['latency']['speedup_batch1']}x at batch 1)", markup=False)
+    if json_out:
+        emit_json(result)
 
 
 def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import students.pruned  # noqa: F401  (registers mobilenetv2_pruned: pruned runs evaluate too)
 from cache import default_db_path, open_store
 from students import count_macs, count_params
 
@@ -30,6 +31,7 @@ from .targets import OTHER, LabelMap, build_targets, load_label_map
 from .teachers.resolve import canonical_spec
 
 ECE_BINS = 15
+METRICS_FILE = "metrics.jsonl"  # the run's per-epoch metrics, written by train and prune
 
 
 @dataclass
@@ -233,7 +235,7 @@ def teacher_metrics(
     spec = _stored_spec(teacher_spec) if teacher_spec else _first_teacher(meta)
     # answered: images with a stored answer; compared: those whose answer maps to a student class.
     out = {"spec": spec, "score_kind": None, "answered": 0, "compared": 0, "agreement": None,
-           "mse": None, "kl": None, "accuracy": None, "labelled": 0, "note": None}
+           "mse": None, "kl": None, "accuracy": None, "labelled": 0, "student_accuracy": None, "note": None}
     if spec is None:
         return {**out, "note": "the student records no teacher; pass --teacher"}
     path = Path(db_path) if db_path else Path(default_db_path())
@@ -278,7 +280,8 @@ def teacher_targets(
 
 
 def fidelity(student: np.ndarray, teacher: np.ndarray, truth: np.ndarray) -> dict:
-    """Agreement, MSE, KL(teacher || student) and the teacher's own accuracy.
+    """Agreement, MSE, KL(teacher || student), the teacher's own accuracy and the student's on
+    the same images (``student_accuracy``: the side-by-side comparison).
 
     ``student``/``teacher``: (M, C) probabilities of the same images; ``truth``: (M,) class
     indices, -1 when unknown. MSE is the mean over all M x C entries (as ``F.mse_loss``);
@@ -295,8 +298,10 @@ def fidelity(student: np.ndarray, teacher: np.ndarray, truth: np.ndarray) -> dic
     mask = truth >= 0
     labelled = int(mask.sum())
     teacher_acc = float((teacher_top[mask] == truth[mask]).mean()) if labelled else None
+    student_acc = float((student.argmax(axis=1)[mask] == truth[mask]).mean()) if labelled else None
     return {"compared": int(len(student)), "agreement": _round(agreement, 4), "mse": _round(mse, 6),
-            "kl": _round(kl, 6), "accuracy": _round(teacher_acc, 4), "labelled": labelled}
+            "kl": _round(kl, 6), "accuracy": _round(teacher_acc, 4), "labelled": labelled,
+            "student_accuracy": _round(student_acc, 4)}
 
 
 def _first_teacher(meta: dict) -> str | None:
@@ -386,10 +391,11 @@ def student_latency(model: torch.nn.Module, image_size: int, options: LatencyOpt
 
 
 def teacher_latency(spec: str, options: LatencyOptions, student_ms: float) -> dict:
-    """The local teacher's CPU latency at batch 1 and the student's speed-up over it."""
+    """The local teacher's CPU latency at batch 1 and ``options.batch``, its parameters and
+    MACs, and the student's speed-up over it at batch 1."""
     from .teachers import TeacherOptions, create_teacher
 
-    out = {"spec": spec, "ms_per_image_batch1": None, "speedup": None, "note": None}
+    out = {"spec": spec, "ms_per_image_batch1": None, "ms_per_batch": None, "speedup": None, "note": None}
     try:
         teacher = create_teacher(spec, TeacherOptions(device="cpu", batch_size=1))
     except DistillError as e:
@@ -403,11 +409,13 @@ def teacher_latency(spec: str, options: LatencyOptions, student_ms: float) -> di
         except DistillError as e:
             return {**out, "note": f"teacher not loaded: {e}"}
         ms = measure_ms(module, (1, *input_size), options)
+        batched = measure_ms(module, (options.batch, *input_size), options)
+        size = {"parameters": int(count_params(module)), "macs": int(count_macs(module, input_size[-1]))}
     finally:
         teacher.close()
     speedup = ms / student_ms if student_ms else None
     return {**out, "input_size": list(input_size), "ms_per_image_batch1": _round(ms, 3),
-            "speedup": _round(speedup, 2)}
+            "batch": options.batch, "ms_per_batch": _round(batched, 3), **size, "speedup": _round(speedup, 2)}
 
 
 def _round(x: float | None, digits: int) -> float | None:
@@ -420,7 +428,8 @@ def _round(x: float | None, digits: int) -> float | None:
 
 
 def write_report(result: dict, report_dir: str | os.PathLike) -> list[str]:
-    """Write ``report.md``, ``result.json``, ``confusion_matrix.png`` and ``reliability.png``.
+    """Write ``report.md``, ``result.json``, ``confusion_matrix.png``, ``reliability.png`` and,
+    when the student's run folder has a ``metrics.jsonl``, ``curves.png`` (training curves).
 
     Returns the paths written (the folder is created if needed).
     """
@@ -430,12 +439,32 @@ def write_report(result: dict, report_dir: str | os.PathLike) -> list[str]:
         _plot_confusion(result, out / "confusion_matrix.png"),
         _plot_reliability(result, out / "reliability.png"),
     ]
+    history = training_history(result["student"])
+    if history:
+        written.append(_plot_curves(history, out / "curves.png"))
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "report.md").write_text(render_markdown(result))
+    (out / "report.md").write_text(render_markdown(result, curves=bool(history)))
     return [str(out / "report.md"), str(out / "result.json"), *map(str, written)]
 
 
-def render_markdown(result: dict) -> str:
+def training_history(student: str | os.PathLike) -> list[dict]:
+    """The per-epoch metrics of the run the student came from ([] when there are none)."""
+    run = Path(student)
+    path = (run if run.is_dir() else run.parent) / METRICS_FILE
+    if not path.is_file():
+        return []
+    history = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a killed run
+            continue
+        if isinstance(row, dict) and "epoch" in row:
+            history.append(row)
+    return history
+
+
+def render_markdown(result: dict, curves: bool = False) -> str:
     """The report text; images are referenced by their file names next to it."""
     lines = [f"# Evaluation of `{result['student']}`", "",
              f"Images: `{result['images_dir']}`.", "", "| metric | value |", "|---|---|"]
@@ -446,11 +475,38 @@ def render_markdown(result: dict) -> str:
     teacher = result["teacher"]
     if teacher.get("note"):
         lines += ["", f"Teacher comparison: {teacher['note']}."]
+    side = side_by_side_rows(result)
+    if side:
+        lines += ["", "## Student and teacher", "", "| | student | teacher |", "|---|---:|---:|"]
+        lines += [f"| {name} | {s} | {t} |" for name, s, t in side]
     lines += ["", "## Confusion matrix", "", "Rows: folder label; columns: student's prediction.", "",
               "![confusion matrix](confusion_matrix.png)", "", "## Calibration", "",
               f"Reliability diagram ({result['calibration']['bins']} equal-width bins of top-1 confidence).",
               "", "![reliability diagram](reliability.png)", ""]
+    if curves:
+        lines += ["## Training", "", "Per epoch, from the run's metrics.jsonl.", "",
+                  "![training curves](curves.png)", ""]
     return "\n".join(lines)
+
+
+def side_by_side_rows(result: dict) -> list[tuple[str, str, str]]:
+    """(what, student, teacher) rows when the teacher was measured or has stored answers."""
+    teacher, model, lat = result["teacher"], result["model"], result["latency"] or {}
+    timed = lat.get("teacher") or {}
+    if teacher["accuracy"] is None and timed.get("ms_per_image_batch1") is None:
+        return []
+    rows = [("top-1 accuracy (images with a teacher answer)",
+             _pct(teacher.get("student_accuracy")), _pct(teacher["accuracy"]))]
+    if timed.get("ms_per_image_batch1") is not None:
+        size = timed["input_size"][-1]
+        rows += [("parameters", f"{model['parameters']:,}", f"{timed['parameters']:,}"),
+                 ("MACs per image", f"{model['macs'] / 1e6:,.1f} M at {model['image_size']} px",
+                  f"{timed['macs'] / 1e6:,.1f} M at {size} px"),
+                 (f"CPU latency, batch 1 ({lat['threads']} threads)", f"{lat['ms_per_image_batch1']} ms",
+                  f"{timed['ms_per_image_batch1']} ms"),
+                 (f"CPU latency, batch {lat['batch']}", f"{lat['ms_per_batch']} ms", f"{timed['ms_per_batch']} ms"),
+                 ("speed-up at batch 1", f"{timed['speedup']}x", "1x")]
+    return rows
 
 
 def headline_rows(result: dict) -> list[tuple[str, str]]:
@@ -550,6 +606,32 @@ def _plot_reliability(result: dict, path: Path) -> Path:
     ax.set_ylabel("accuracy")
     ax.set_title(f"Reliability (ECE {_num(result['calibration']['ece'])})")
     ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _plot_curves(history: list[dict], path: Path) -> Path:
+    """Loss (train, validation) and validation accuracy/agreement per epoch; keys a run lacks
+    are left out, so older or partial metrics files still plot."""
+    plt = _pyplot()
+    epochs = [m["epoch"] for m in history]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, series in ((loss_ax, (("train_loss", "train"), ("val_loss", "validation"))),
+                       (acc_ax, (("val_accuracy", "accuracy (hard labels)"),
+                                 ("val_agreement", "agreement with teacher")))):
+        for key, label in series:
+            points = [(e, m[key]) for e, m in zip(epochs, history) if isinstance(m.get(key), (int, float))]
+            if points:
+                ax.plot(*zip(*points), "o-", label=label)
+        ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    loss_ax.set(ylabel="loss", title="Loss")
+    acc_ax.set(ylabel="fraction", title="Validation", ylim=(0, 1.02))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,22 +1,31 @@
-"""Decode-once pixel cache: every image resized to S x S and kept as uint8 in a .npy file.
+"""uint8 pixels: the decode-once cache, and what the trainer does to them on the way to the model.
 
-Training and evaluation read from the memory-mapped array, so epochs after the first do no JPEG
-decoding and the resident memory is the page cache, not a float tensor of the whole set.
-Preprocessing: shorter side resized to S (bicubic), centre crop S x S, EXIF orientation applied.
-The cache key is the ordered list of image hashes plus S, so new images or another size make
-another file (old ones can be deleted at will: they are only a cache).
+The cache: every image resized to S x S and kept as uint8 in a .npy file, read memory-mapped, so
+epochs after the first do no JPEG decoding and the resident memory is the page cache, not a
+float tensor of the whole set. Preprocessing: shorter side resized to S (bicubic), centre crop
+S x S, EXIF orientation applied. The cache key is the ordered list of image hashes plus S, so new
+images or another size make another file (old ones can be deleted at will: they are only a cache).
+
+Per batch: a random crop and flip done on the uint8 pixels (one gather), then normalisation into
+the channels_last float input of the model (one pass), in :class:`PixelBatches`, so DataLoader
+workers can do both when there are any.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
+
+from students import STUDENT_MEAN, STUDENT_STD
 
 from .images import decode_rgb
 
@@ -37,6 +46,12 @@ def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
+def cache_path(shas: Sequence[str], size: int) -> Path:
+    """Where the pixels of these images at this size live (whether built yet or not)."""
+    key = hashlib.sha256(("\n".join(shas) + f"\n{size}\n{CACHE_VERSION}").encode()).hexdigest()[:24]
+    return cache_dir() / f"pixels-{size}-{len(shas)}-{key}.npy"
+
+
 def load_pixels(
     shas: Sequence[str],
     paths: Sequence[str],
@@ -47,8 +62,7 @@ def load_pixels(
 
     ``paths[i]`` is a file whose bytes hash to ``shas[i]``. Built once per (image list, size).
     """
-    key = hashlib.sha256(("\n".join(shas) + f"\n{size}\n{CACHE_VERSION}").encode()).hexdigest()[:24]
-    target = cache_dir() / f"pixels-{size}-{len(shas)}-{key}.npy"
+    target = cache_path(shas, size)
     if target.exists():
         try:
             return np.load(target, mmap_mode="r")
@@ -59,11 +73,12 @@ def load_pixels(
     os.close(fd)
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(shas), size, size, 3))
-        for i, path in enumerate(paths):
-            with open(path, "rb") as f:
-                out[i] = resize_center_crop(decode_rgb(f.read()), size)
-            if progress:
-                progress(1)
+        # Threads: PIL releases the GIL while decoding and resizing; map() keeps the order.
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            for i, pixels in enumerate(pool.map(functools.partial(_decode_resized, size=size), paths)):
+                out[i] = pixels
+                if progress:
+                    progress(1)
         out.flush()
         del out
         os.replace(tmp, target)  # atomic: a killed build leaves only a stray .tmp
@@ -71,3 +86,97 @@ def load_pixels(
         if os.path.exists(tmp):
             os.unlink(tmp)
     return np.load(target, mmap_mode="r")
+
+
+def _decode_resized(path: str, size: int) -> np.ndarray:
+    with open(path, "rb") as f:
+        return resize_center_crop(decode_rgb(f.read()), size)
+
+
+# -- augmentation and normalisation of (B, S, S, 3) uint8 batches ---------------------------------
+
+
+def crop_padding(size: int) -> int:
+    """Reflect padding of the random crop: 1/8 of the side, at least 4 px (less than the side)."""
+    return min(max(4, size // 8), size - 1)
+
+
+def augment_params(n: int, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random crop offsets (2, n) int64 in [-pad, pad] (rows, columns) and flips (n,) bool."""
+    pad = crop_padding(size)
+    offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=generator) - pad
+    return offsets, torch.rand(n, generator=generator) < 0.5
+
+
+def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random crop (reflect-padded) and horizontal flip of a (B, S, S, 3) uint8 batch."""
+    return crop_flip(x, *augment_params(x.shape[0], x.shape[1], generator))
+
+
+def crop_flip(x: torch.Tensor, offsets: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """(B, S, S, 3) shifted by ``offsets`` (2, B) with reflection at the borders, and mirrored
+    where ``flip`` (B,) is set.
+
+    One ``index_select`` of whole pixels: the crop window and the flip become a table of source
+    pixels, and reflection is index arithmetic, so nothing is padded or looped over. (Indexing
+    with three broadcast index tensors, the obvious way, is ~3x slower on CPU.)
+    """
+    b, s = x.shape[0], x.shape[1]
+    base = torch.arange(s)[None, :]
+    rows, cols = _reflect(base + offsets[0][:, None], s), _reflect(base + offsets[1][:, None], s)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    source = (torch.arange(b)[:, None, None] * s + rows[:, :, None]) * s + cols[:, None, :]
+    pixels = x.reshape(b * s * s, -1)  # a view for the contiguous batches the loader makes
+    return pixels.index_select(0, source.view(-1).to(x.device)).view(x.shape)
+
+
+def _reflect(i: torch.Tensor, size: int) -> torch.Tensor:
+    """Indices outside [0, size) mirrored back in (edge pixel not repeated, as ``mode="reflect"``)."""
+    i = i.abs()
+    return torch.where(i >= size, 2 * (size - 1) - i, i)
+
+
+@functools.lru_cache(maxsize=8)
+def _affine(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Cached per device: building them from Python lists on CUDA is a blocking copy every step.
+    mean = torch.tensor(STUDENT_MEAN) * 255
+    std = torch.tensor(STUDENT_STD) * 255
+    return (1 / std).to(device), (-mean / std).to(device)
+
+
+def to_input(x: torch.Tensor) -> torch.Tensor:
+    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32 normalised with STUDENT_MEAN/STD, channels_last."""
+    scale, shift = _affine(x.device)
+    y = x.contiguous().to(torch.float32)
+    torch.addcmul(shift, y, scale, out=y)  # (x - mean) / std in one pass, in place
+    # NHWC permuted to NCHW is channels_last in memory: no copy.
+    return y.permute(0, 3, 1, 2)
+
+
+class PixelBatches(torch.utils.data.Dataset):
+    """Item i: micro-batch i as (input, (n,) int64 image rows): ``items[i]`` is (rows (n,) int64,
+    crop offsets (2, n), flips (n,)). ``normalise``: the float input of :func:`to_input` (CPU
+    training), else the augmented (n, S, S, 3) uint8 (4x less to copy to a GPU, normalised there).
+
+    Workers reopen the memory-mapped file rather than receive a pickled copy of the whole array.
+    """
+
+    def __init__(self, pixels: np.ndarray, items: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]],
+                 normalise: bool = True):
+        self.file = getattr(pixels, "filename", None)
+        self.pixels = pixels
+        self.items = items
+        self.normalise = normalise
+
+    def __getstate__(self):
+        return {**self.__dict__, "pixels": None if self.file else self.pixels}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        if self.pixels is None:
+            self.pixels = np.load(self.file, mmap_mode="r")
+        rows, offsets, flip = self.items[i]
+        x = crop_flip(torch.from_numpy(self.pixels[rows]), offsets, flip)  # fancy indexing copies
+        return (to_input(x) if self.normalise else x), torch.from_numpy(rows.astype(np.int64))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,9 @@ from cache import ImageRow, Response, open_store
 from distill_app.checkpoint import load_student
 from distill_app.errors import DistillError
 from distill_app.images import sha256_bytes
-from distill_app.train import (TrainConfig, augment, crop_padding, epoch_batches, get_lr, parse_teacher,
-                               split_val, to_input, train)
+from distill_app.pixels import crop_flip
+from distill_app.train import (Ranks, TrainConfig, augment, crop_padding, epoch_batches, epoch_plan, get_lr,
+                               parse_teacher, split_val, to_input, train)
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
 # What an ImageNet teacher might say about a mostly-red, -green or -blue picture.
@@ -239,3 +241,74 @@ def test_batches_never_end_with_a_single_image():
     batches = epoch_batches(np.arange(17), 8, seed=0, epoch=1)
     assert sorted(np.concatenate(batches).tolist()) == list(range(17))
     assert [len(b) for b in batches] == [8, 9]
+    assert [len(b) for b in epoch_batches(np.arange(19), 8, seed=0, epoch=1, min_size=4)] == [8, 11]
+
+
+def test_crop_flip_is_a_reflect_padded_crop_and_a_mirror():
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8))
+    offsets = torch.tensor([[-4, 0, 3, 4, -1], [2, -4, 0, 4, -3]])
+    flip = torch.tensor([True, False, True, False, True])
+    out = crop_flip(x, offsets, flip)
+    for i in range(5):
+        padded = np.pad(x[i].numpy(), ((4, 4), (4, 4), (0, 0)), mode="reflect")
+        r, c = 4 + int(offsets[0, i]), 4 + int(offsets[1, i])
+        want = padded[r:r + 16, c:c + 16]
+        np.testing.assert_array_equal(out[i].numpy(), want[:, ::-1] if flip[i] else want)
+
+
+def test_to_input_normalises_with_the_student_mean_and_std():
+    x = torch.tensor([[[[0, 128, 255]]]], dtype=torch.uint8)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    want = (torch.tensor([0, 128, 255]) / 255 - mean) / std
+    assert torch.allclose(to_input(x)[0, :, 0, 0], want, atol=1e-5)
+
+
+def test_processes_and_accumulation_cut_the_same_batches():
+    """Two processes get the parts one process accumulates, augmented and dropped out alike."""
+    cfg = TrainConfig(images="-", batch_size=8, image_size=32, accum_steps=2, seed=3)
+    indices = np.arange(3, 40)
+    one = epoch_plan(cfg, indices, 2, Ranks(torch.device("cpu")))
+    ranks = [epoch_plan(replace(cfg, accum_steps=1), indices, 2, Ranks(torch.device("cpu"), r, 2)) for r in (0, 1)]
+    assert len(one) == 2 * len(ranks[0]) == 2 * len(ranks[1])
+    for k, micro in enumerate(one):
+        other = ranks[k % 2][k // 2]
+        assert np.array_equal(micro.rows, other.rows) and torch.equal(micro.offsets, other.offsets)
+        assert torch.equal(micro.flip, other.flip) and micro.seed == other.seed and other.last
+        assert micro.last == (k % 2 == 1) and micro.weight * 2 == pytest.approx(other.weight)
+    rows = np.concatenate([m.rows for m in one])
+    assert sorted(rows.tolist()) == indices.tolist()  # every image once per epoch
+    assert sum(m.weight for m in one) == pytest.approx(len(one) / 2)  # the parts of a batch add up to 1
+
+
+def test_accumulation_trains_and_too_small_batches_are_user_errors(dataset):
+    summary = train(config(dataset, epochs=1, accum_steps=2, out="accum"))
+    assert summary["epochs"] == 1
+    line = json.loads((dataset / "accum/metrics.jsonl").read_text())
+    assert math.isfinite(line["train_loss"]) and line["step"] == 3  # 20 images: 8, 8, 4 (2 parts of 2)
+    with pytest.raises(DistillError, match="--batch-size >= 8"):
+        train(config(dataset, epochs=1, batch_size=6, accum_steps=4, out="tiny"))
+
+
+def test_dataloader_workers_change_nothing(dataset):
+    train(config(dataset, epochs=1, out="inline"))
+    train(config(dataset, epochs=1, num_workers=2, out="workers"))
+    inline = torch.load(dataset / "inline/last.pt", weights_only=True)["model"]
+    workers = torch.load(dataset / "workers/last.pt", weights_only=True)["model"]
+    for key, value in inline.items():
+        assert torch.equal(value, workers[key]), key
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(dataset, monkeypatch, caplog):
+    class Broken(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self._orig_mod = module
+
+        def forward(self, x):
+            raise RuntimeError("inductor: no C++ compiler\nlong trace")
+
+    monkeypatch.setattr(torch, "compile", Broken)
+    summary = train(config(dataset, epochs=1, compile=True, out="compiled"))
+    assert summary["epochs"] == 1
+    assert any("--compile failed (RuntimeError: inductor: no C++ compiler)" in r.getMessage() for r in caplog.records)

@@ -1,0 +1,145 @@
+"""distill prune: channels really removed, the smaller network saved and reloaded, fine-tuned."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cache import ImageRow, Response, open_store
+from distill_app.checkpoint import load_student, save_student
+from distill_app.cli import app
+from distill_app.errors import DistillError
+from distill_app.prune import PruneConfig, channel_scores, prune_student, prune_to, target_widths
+from students import STUDENT_MEAN, STUDENT_STD, count_macs, count_params, create_student
+from students.pruned import PRUNED_NAME, expanded_blocks, hidden_channels
+
+CLASSES = ["cat", "coffee"]
+TEACHER = "local:efficientnet_lite0"
+SIZE = 32
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def student() -> torch.nn.Module:
+    """A random MobileNetV2 x0.35 with realistic BN statistics (so channel scores differ)."""
+    torch.manual_seed(0)
+    model = create_student("mobilenetv2", len(CLASSES), width=0.35, image_size=SIZE)
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.rand(8, 3, SIZE, SIZE) * 4 - 2)
+    return model.eval()
+
+
+@pytest.fixture
+def workspace(tmp_path, photos) -> dict:
+    """Photos with stored teacher answers, and a saved student that records where it was trained."""
+    files = sorted(photos.rglob("*.jpg"))
+    shas = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    db = tmp_path / "distill.db"
+    store = open_store(str(db))
+    store.add_images(ImageRow(s, str(f), 64, 64, f.stat().st_size, f.parent.name) for s, f in zip(shas, files))
+    teacher = store.teacher_id(TEACHER, "distribution")
+    store.record(teacher, [Response(s, [(f.parent.name, 0.7), ("other thing", 0.3)]) for s, f in zip(shas, files)])
+    store.close()
+    run = tmp_path / "run"
+    run.mkdir()
+    meta = {"student": {"name": "mobilenetv2", "num_classes": 2, "width": 0.35, "image_size": SIZE,
+                        "mean": list(STUDENT_MEAN), "std": list(STUDENT_STD)},
+            "classes": CLASSES, "teachers": [TEACHER], "metrics": {}, "label_map": None,
+            "config": {"images": str(photos), "db": str(db), "label_map": None, "other": False,
+                       "loss": "mse", "targets": "soft", "val_fraction": 0.25}}
+    save_student(run / "model.pt", student(), meta)
+    return {"run": run, "db": db, "photos": photos}
+
+
+def test_pruning_removes_channels_and_keeps_the_strongest():
+    model = student()
+    before = hidden_channels(model)
+    params, macs = count_params(model), count_macs(model, SIZE)
+    _, block = expanded_blocks(model)[0]
+    scores = channel_scores(block.conv[0][0])
+    widths = target_widths(before, 0.5, round_to=8, head=True)
+    strongest = set(torch.topk(scores, widths[0]).indices.tolist())
+    kept_filter = block.conv[0][0].weight[sorted(strongest)].clone()
+
+    prune_to(model, widths)
+    after = hidden_channels(model)
+    assert after == widths and all(a < b for a, b in zip(after, before) if b > 8)
+    assert all(w % 8 == 0 for w in after)
+    _, block = expanded_blocks(model)[0]
+    expand, dw, project = block.conv[0][0], block.conv[1][0], block.conv[2]
+    assert expand.out_channels == dw.in_channels == dw.out_channels == dw.groups == project.in_channels == widths[0]
+    assert block.conv[0][1].num_features == block.conv[1][1].num_features == widths[0]
+    torch.testing.assert_close(expand.weight, kept_filter)  # the strongest filters, in their order
+    assert model.classifier[-1].in_features == widths[-1]
+    assert count_params(model) < 0.7 * params and count_macs(model, SIZE) < 0.7 * macs
+    assert model(torch.randn(2, 3, SIZE, SIZE)).shape == (2, len(CLASSES))
+
+
+def test_prune_student_fine_tunes_saves_and_reloads(workspace, tmp_path):
+    out = tmp_path / "pruned"
+    result = prune_student(PruneConfig(student=str(workspace["run"]), amount=0.4, steps=2, epochs=1,
+                                       out=str(out), batch_size=4, latency_runs=1))
+    assert result["out"] == str(out)
+    before, after = result["before"], result["after"]
+    assert after["parameters"] < before["parameters"] and after["macs"] < before["macs"]
+    for r in (before, after):
+        assert r["ms_batch1"] > 0 and r["ms_batch32"] > 0 and 0 <= r["val_agreement"] <= 1
+        assert r["val_images"] == after["val_images"] > 0
+    assert [s["step"] for s in result["per_step"]] == [1, 2]
+    assert sum(result["per_step"][0]["hidden_channels"]) > sum(result["per_step"][1]["hidden_channels"])
+    assert result["latency"]["threads"] == 1
+    assert result["file_bytes"] < (workspace["run"] / "model.pt").stat().st_size
+
+    model, meta = load_student(out)  # rebuilt from name + weights, no extra code at the call site
+    assert meta["student"]["name"] == PRUNED_NAME
+    assert hidden_channels(model) == result["hidden_channels"] == meta["student"]["hidden_channels"]
+    assert count_params(model) == after["parameters"]
+    assert model(torch.randn(1, 3, SIZE, SIZE)).shape == (1, len(CLASSES))
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2] and all("val_agreement" in x for x in lines)
+    assert json.loads((out / "config.json").read_text())["pruning"]["amount"] == 0.4
+
+
+def test_a_pruned_student_can_be_pruned_again(workspace, tmp_path):
+    first = prune_student(PruneConfig(student=str(workspace["run"]), amount=0.3, epochs=0,
+                                      out=str(tmp_path / "p1"), batch_size=4, latency_runs=1))
+    second = prune_student(PruneConfig(student=first["out"], amount=0.3, epochs=0,
+                                       out=str(tmp_path / "p2"), batch_size=4, latency_runs=1))
+    assert second["after"]["parameters"] < first["after"]["parameters"]
+
+
+def test_user_errors(workspace, tmp_path):
+    with pytest.raises(DistillError, match="--amount"):
+        prune_student(PruneConfig(student=str(workspace["run"]), amount=1.5))
+    with pytest.raises(DistillError, match="already holds"):
+        prune_student(PruneConfig(student=str(workspace["run"]), out=str(workspace["run"])))
+    timm_run = tmp_path / "timm"
+    timm_run.mkdir()
+    _, meta = load_student(workspace["run"])
+    meta["student"].update(name="resnet10t", width=1.0)
+    save_student(timm_run / "model.pt", create_student("resnet10t", 2, image_size=SIZE), meta)
+    with pytest.raises(DistillError, match="mobilenetv2"):
+        prune_student(PruneConfig(student=str(timm_run)))
+
+
+def test_cli_prune_json(workspace):
+    res = CliRunner().invoke(app, ["prune", "--student", str(workspace["run"]), "--amount", "0.5",
+                                   "--epochs", "1", "--batch-size", "4", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert Path(summary["out"]).name == "run-pruned50"
+    assert (Path(summary["out"]) / "model.pt").exists()
+    assert summary["after"]["parameters"] < summary["before"]["parameters"]
