@@ -14,6 +14,16 @@ from distill_app.demo import make_variants, sample_photo_paths
 
 
 @pytest.fixture(autouse=True)
+def one_thread():
+    """Tests use tiny models: a second thread gains nothing, and on a shared 2-core machine
+    OpenMP's spinning barriers make each step 10-100x slower under load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
     """Every test runs in its own folder with its own pixel cache and no inherited store/keys."""
     monkeypatch.chdir(tmp_path)

@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 from typer.testing import CliRunner
 
 from distill_app.cli import app
@@ -11,16 +10,6 @@ from distill_app.cli import app
 def last_json(result) -> dict:
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads cost more than they give
-    yield
-    torch.set_num_threads(n)
 
 
 def test_pipeline(photos):

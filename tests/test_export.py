@@ -24,14 +24,6 @@ TEACHER = "local:efficientnet_lite0"
 SIZE = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def decisive_student() -> torch.nn.Module:
     """A random MobileNetV2 with O(1) logits: BN statistics from random batches, a larger head."""
     torch.manual_seed(0)

@@ -23,14 +23,6 @@ TEACHER = "local:efficientnet_lite0"
 SIZE = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def student() -> torch.nn.Module:
     """A random MobileNetV2 x0.35 with realistic BN statistics (so channel scores differ)."""
     torch.manual_seed(0)

@@ -21,14 +21,6 @@ TEACHER = "local:efficientnet_lite0"
 SIZE = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def workspace(tmp_path, photos) -> dict:
     """A saved student with a metrics.jsonl beside it, and stored teacher answers for the photos."""

@@ -28,16 +28,6 @@ TEACHER = "local:efficientnet_lite0"
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny convolutions gain nothing from a second thread, and on a shared 2-core machine
-    # OpenMP's spinning barriers make each step 10-100x slower under load.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
 def workspace(tmp_path, monkeypatch):
     monkeypatch.setenv("DISTILL_CACHE_DIR", str(tmp_path / "pixel-cache"))
     monkeypatch.delenv("DISTILL_DB", raising=False)
