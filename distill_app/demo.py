@@ -77,6 +77,8 @@ def make_sample(images: Path, per_class: int = 30, seed: int = 0) -> Path:
 
 def run_demo(workdir: Path, epochs: int = 30, log: Callable[[str], None] = print) -> dict:
     """harvest -> train -> eval in ``workdir``; returns the three summaries."""
+    import torch
+
     from .evaluate import evaluate, write_report
     from .harvest import HarvestConfig, harvest
     from .train import TrainConfig, train
@@ -97,9 +99,17 @@ def run_demo(workdir: Path, epochs: int = 30, log: Callable[[str], None] = print
     if out.exists():  # the demo always trains afresh; real runs refuse to overwrite
         shutil.rmtree(out)
     log(f"2/3 train: MobileNetV2 x0.5 at 96 px, {epochs} epochs -> {out}")
-    t = train(TrainConfig(images=str(train_dir), db=db, teachers=["local"], label_map=str(label_map),
-                          other=True, width=0.5, image_size=96, epochs=epochs, batch_size=16,
-                          lr=1e-2, out=str(out), seed=0))
+    # One thread: each op of this tiny model (17 M MACs per image, batches of 16) is too small to
+    # pay back a second thread's barriers, and on a busy machine waking it costs a time slice per
+    # barrier (measured: epochs of 90 s instead of 5 s with 2 threads beside another job).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t = train(TrainConfig(images=str(train_dir), db=db, teachers=["local"],
+                              label_map=str(label_map), other=True, width=0.5, image_size=96,
+                              epochs=epochs, batch_size=16, lr=1e-2, out=str(out), seed=0))
+    finally:
+        torch.set_num_threads(threads)
     log(f"3/3 eval on {val_dir}")
     e = evaluate(str(out), str(val_dir), db_path=db, teacher_spec="local")
     files = write_report(e, str(workdir / "report"))
