@@ -214,8 +214,9 @@ class _Run:
                 try:
                     self._pump(pool, queue, running, progress)
                 finally:
-                    for fut in running:
-                        fut.cancel()
+                    for fut, batch in running.items():
+                        if fut.cancel():  # never started: its calls were counted, not made
+                            self._add_usage(-len(batch))
         finally:
             # Claims never answered (cancelled, over budget, stopped by a bad key) go back at
             # once, so a rerun need not wait for their lease to run out.
@@ -239,8 +240,8 @@ class _Run:
                 break
             done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
             for fut in done:
-                running.pop(fut)
-                self._store(fut.result())
+                batch = running.pop(fut)
+                self._store(fut.result(), counted=len(batch))
                 if progress:
                     progress(self.summary.succeeded + self.summary.failed, self.summary.to_send)
 
@@ -249,14 +250,22 @@ class _Run:
         wanted = [queue.popleft() for _ in range(min(self.teacher.max_batch, len(queue)))]
         claimed = self.store.claim(self.teacher_id, wanted, self.owner, self.cfg.lease_s)
         self.summary.busy_elsewhere += len(wanted) - len(claimed)
+        if claimed:
+            # Counted before sending, corrected when the answers come back (_store): a harvester
+            # killed with calls in flight has already counted them against the daily quota.
+            self._add_usage(len(claimed))
         return claimed
 
-    def _store(self, result: BatchResult) -> None:
+    def _add_usage(self, calls: int) -> None:
+        self.store.add_usage(self.teacher_id, calls, calls * self.cfg.cost_per_1k / 1000)
+
+    def _store(self, result: BatchResult, counted: int) -> None:
+        """Store a batch's answers; ``counted`` calls were added to the usage when it was claimed."""
         store, s = self.store, self.summary
         if result.responses:
             store.record(self.teacher_id, result.responses)
-        if result.calls:
-            store.add_usage(self.teacher_id, result.calls, result.calls * self.cfg.cost_per_1k / 1000)
+        if result.calls != counted:  # retries add calls; a batch never sent takes its count back
+            self._add_usage(result.calls - counted)
         if result.unsent:
             store.release(self.teacher_id, result.unsent, self.owner)
         s.calls += result.calls

@@ -95,6 +95,9 @@ def test_sigkill_mid_run_then_rerun_completes(images, server):
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     statuses = dict(conn.execute("SELECT status, COUNT(*) FROM responses GROUP BY status").fetchall())
     assert statuses == {"ok": 60}
+    # Calls are counted when claimed, so the calls the killed run had in flight count against
+    # the daily quota: the store never counts fewer calls than the server answered.
+    assert conn.execute("SELECT SUM(calls) FROM usage").fetchone()[0] >= sum(counts.values())
     conn.close()
 
 
