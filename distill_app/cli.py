@@ -128,7 +128,8 @@ def train(
 
     Several GPUs: torchrun --nproc-per-node 4 $(which distill) train ... (docs/distributed.md)
     """
-    from .train import TrainConfig, is_main_process, train as run_train
+    from .distributed import is_main_process
+    from .train import TrainConfig, train as run_train
 
     _check_choice("--targets", targets, ("soft", "hard"))
     _check_choice("--loss", loss, ("mse", "kl"))
