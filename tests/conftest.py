@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 import torch
 from PIL import Image
 from torch import nn
 
 from distill_app.demo import make_variants, sample_photo_paths
+
+
+# Property tests draw the same examples on every run (CI included), so a red run is a real
+# regression, reproducible here; HYPOTHESIS_PROFILE=explore draws new examples when hunting bugs.
+settings.register_profile("deterministic", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 
 @pytest.fixture(autouse=True)

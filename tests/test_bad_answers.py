@@ -36,7 +36,7 @@ from PIL import Image
 from cache import open_store
 from distill_app.harvest import HarvestConfig, harvest
 from distill_app.targets import build_targets
-from distill_app.teachers import TeacherOptions, TransientError, create_teacher
+from distill_app.teachers import AuthError, TeacherOptions, TransientError, create_teacher
 
 KEY = "canned-key-3f9a"
 ODD_LABELS = ["line\nbreak", "tab\there", "\u202eRTL override", "חתול", "🐱 cat 🐈‍⬛",
@@ -263,6 +263,11 @@ def test_any_answer_is_valid_scores_a_reasoned_failure_or_a_retry(answer_with, b
             [answer] = teacher.classify([b"\x89PNG any upload"])
         except TransientError as e:  # not JSON: retried by the harvest, then a failure
             assert status == 200 and e.reason == "malformed answer"
+            continue
+        except AuthError:  # Cloud Vision's way of saying "wrong key": stops the run, on purpose
+            raw = body if isinstance(body, bytes) else body.encode()
+            assert fmt == "google" and status == 400
+            assert b"API_KEY_INVALID" in raw or b"API key not valid" in raw
             continue
         finally:
             teacher.close()
