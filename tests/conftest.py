@@ -55,6 +55,22 @@ def write_photos(root: Path, classes=("cat", "coffee"), per_class: int = 4, size
     return root
 
 
+def store_folder_answers(photos: Path, db, score: float, teacher: str = "local:efficientnet_lite0") -> None:
+    """Record every photo under ``photos`` in a real store at ``db`` as answered by ``teacher``:
+    its folder label with ``score``, "other thing" with the rest (the teacher is tested elsewhere)."""
+    from cache import ImageRow, Response, open_store
+    from distill_app.images import sha256_bytes
+
+    files = sorted(photos.rglob("*.jpg"))
+    shas = [sha256_bytes(f.read_bytes()) for f in files]
+    store = open_store(str(db))
+    store.add_images(ImageRow(s, str(f), 64, 64, f.stat().st_size, f.parent.name) for s, f in zip(shas, files))
+    t = store.teacher_id(teacher, "distribution")
+    store.record(t, [Response(s, [(f.parent.name, score), ("other thing", round(1 - score, 6))])
+                     for s, f in zip(shas, files)])
+    store.close()
+
+
 @pytest.fixture
 def photos(tmp_path) -> Path:
     return write_photos(tmp_path / "photos")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cache import ImageRow, Response, open_store
+from conftest import store_folder_answers
 from distill_app.checkpoint import load_student, save_student
 from distill_app.cli import app
 from distill_app.errors import DistillError
@@ -52,13 +52,7 @@ def run(tmp_path) -> Path:
 
 def store_with_answers(db: Path, photos: Path) -> None:
     """Every photo recorded as harvested by the teacher (answers follow the folder label)."""
-    files = sorted(photos.rglob("*.jpg"))
-    shas = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
-    store = open_store(str(db))
-    store.add_images(ImageRow(s, str(f), 64, 64, f.stat().st_size, f.parent.name) for s, f in zip(shas, files))
-    teacher = store.teacher_id(TEACHER, "distribution")
-    store.record(teacher, [Response(s, [(f.parent.name, 0.8), ("other thing", 0.2)]) for s, f in zip(shas, files)])
-    store.close()
+    store_folder_answers(photos, db, 0.8, TEACHER)
 
 
 def photo_batch(photos: Path) -> np.ndarray:

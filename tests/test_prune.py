@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cache import ImageRow, Response, open_store
+from conftest import store_folder_answers
 from distill_app.checkpoint import load_student, save_student
 from distill_app.cli import app
 from distill_app.errors import DistillError
@@ -37,14 +36,8 @@ def student() -> torch.nn.Module:
 @pytest.fixture
 def workspace(tmp_path, photos) -> dict:
     """Photos with stored teacher answers, and a saved student that records where it was trained."""
-    files = sorted(photos.rglob("*.jpg"))
-    shas = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
     db = tmp_path / "distill.db"
-    store = open_store(str(db))
-    store.add_images(ImageRow(s, str(f), 64, 64, f.stat().st_size, f.parent.name) for s, f in zip(shas, files))
-    teacher = store.teacher_id(TEACHER, "distribution")
-    store.record(teacher, [Response(s, [(f.parent.name, 0.7), ("other thing", 0.3)]) for s, f in zip(shas, files)])
-    store.close()
+    store_folder_answers(photos, db, 0.7, TEACHER)
     run = tmp_path / "run"
     run.mkdir()
     meta = {"student": {"name": "mobilenetv2", "num_classes": 2, "width": 0.35, "image_size": SIZE,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cache import ImageRow, Response, open_store
+from conftest import store_folder_answers
 from distill_app.checkpoint import save_student
 from distill_app.cli import app
 from distill_app.evaluate import LatencyOptions, evaluate, training_history, write_report
@@ -24,14 +23,8 @@ SIZE = 32
 @pytest.fixture
 def workspace(tmp_path, photos) -> dict:
     """A saved student with a metrics.jsonl beside it, and stored teacher answers for the photos."""
-    files = sorted(photos.rglob("*.jpg"))
-    shas = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
     db = tmp_path / "distill.db"
-    store = open_store(str(db))
-    store.add_images(ImageRow(s, str(f), 64, 64, f.stat().st_size, f.parent.name) for s, f in zip(shas, files))
-    teacher = store.teacher_id(TEACHER, "distribution")
-    store.record(teacher, [Response(s, [(f.parent.name, 0.9), ("other thing", 0.1)]) for s, f in zip(shas, files)])
-    store.close()
+    store_folder_answers(photos, db, 0.9, TEACHER)
     run = tmp_path / "run"
     run.mkdir()
     torch.manual_seed(0)

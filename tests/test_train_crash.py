@@ -11,24 +11,13 @@ import time
 import pytest
 import torch
 
-from cache import ImageRow, Response, open_store
+from conftest import store_folder_answers
 from distill_app import checkpoint
 from distill_app.checkpoint import atomic_save, load_student
-from distill_app.images import load, scan
-
-
-def _store_answers(photos, db="t.db"):
-    """Answers stored straight into a real store (the teacher itself is tested elsewhere)."""
-    store = open_store(db)
-    loaded = [load(f) for f in scan(photos)[0]]
-    store.add_images([ImageRow(x.sha256, x.path, x.width, x.height, len(x.data), x.label) for x in loaded])
-    t = store.teacher_id("local:efficientnet_lite0", "distribution")
-    store.record(t, [Response(x.sha256, [(x.label, 0.8), ("other thing", 0.2)]) for x in loaded])
-    store.close()
 
 
 def test_sigkill_then_resume(photos, tmp_path):
-    _store_answers(photos)
+    store_folder_answers(photos, "t.db", 0.8)
     args = [sys.executable, "-m", "distill_app", "train", "--images", str(photos), "--db", "t.db",
             "--width", "0.35", "--image-size", "32", "--batch-size", "2", "--out", "run", "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
