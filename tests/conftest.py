@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -96,3 +98,23 @@ def save_tiny_teacher(path: Path) -> Path:
     """Script and save :class:`TinyTeacher` at ``path``; use it as ``torchscript:PATH``."""
     torch.jit.save(torch.jit.script(TinyTeacher()), str(path))
     return path
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """Base of the tests' own loopback HTTP servers: keep-alive, no request log, one way to reply."""
+
+    protocol_version = "HTTP/1.1"
+
+    def reply(self, status: int, data, content_type: str = "application/json") -> None:
+        """Send ``data`` (bytes, str, or an object written as JSON) with ``status``."""
+        if not isinstance(data, (bytes, str)):
+            data = json.dumps(data)
+        data = data.encode() if isinstance(data, str) else data
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from cache import open_store
+from conftest import QuietHandler
 from distill_app.harvest import HarvestConfig, harvest
 from distill_app.targets import build_targets
 from distill_app.teachers import AuthError, TeacherOptions, TransientError, create_teacher
@@ -43,25 +44,16 @@ ODD_LABELS = ["line\nbreak", "tab\there", "\u202eRTL override", "חתול", "�
               "nul\u0000byte", "  padded  ", "quote \" and \\ backslash", "<script>x</script>"]
 
 
-class Canned(BaseHTTPRequestHandler):
+class Canned(QuietHandler):
     """Answers every POST with the server's ``canned`` (status, body); counts the requests."""
 
-    protocol_version = "HTTP/1.1"
 
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         status, body = self.server.canned
         self.server.requests += 1
         data = body if isinstance(body, bytes) else body.encode()
-        self.send_response(status)
-        ctype = "text/html" if data.lstrip().startswith(b"<") else "application/json"
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+        self.reply(status, data, "text/html" if data.lstrip().startswith(b"<") else "application/json")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from cache import open_store
-from conftest import save_tiny_teacher, write_photos
+from conftest import QuietHandler, save_tiny_teacher, write_photos
 from distill_app.errors import DistillError
 from distill_app.harvest import HarvestConfig, harvest
 from distill_app.server import ServeOptions, endpoints, serve, server_url, stop
@@ -42,8 +42,6 @@ from distill_app.teachers.remote import (
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit: deprecated, supported
 
 TOKEN = "test-token-5e1f0c"
-
-
 
 
 @pytest.fixture
@@ -214,7 +212,7 @@ def test_wrong_url_stops_the_run_and_gives_claims_back(photos, start_server, mon
 # --- azure ---------------------------------------------------------------------------------------
 
 
-class FakeAzure(BaseHTTPRequestHandler):
+class FakeAzure(QuietHandler):
     """Azure AI Vision 4.0 analyze, tags only; records what it was sent."""
 
     seen: list = []
@@ -223,24 +221,13 @@ class FakeAzure(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         FakeAzure.seen.append((self.path, dict(self.headers), body))
         if self.headers.get("Ocp-Apim-Subscription-Key") != "azure-key-123":
-            return self._json(401, {"error": {"code": "401", "message": "Access denied due to invalid subscription key."}})
+            return self.reply(401, {"error": {"code": "401", "message": "Access denied due to invalid subscription key."}})
         if body.startswith(b"BAD"):
-            return self._json(400, {"error": {"code": "InvalidRequest", "message": "Image format is not valid.",
+            return self.reply(400, {"error": {"code": "InvalidRequest", "message": "Image format is not valid.",
                                               "innererror": {"code": "InvalidImageFormat"}}})
         tags = [{"name": "cat", "confidence": 0.97}, {"name": "indoor", "confidence": 0.5}]
-        self._json(200, {"modelVersion": "2023-10-01", "metadata": {"width": 1, "height": 1},
+        self.reply(200, {"modelVersion": "2023-10-01", "metadata": {"width": 1, "height": 1},
                          "tagsResult": {"values": tags}})
-
-    def _json(self, status, obj):
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture

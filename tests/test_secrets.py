@@ -23,7 +23,7 @@ import ssl
 import subprocess
 import threading
 import traceback
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -34,7 +34,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cache import open_store
-from conftest import save_tiny_teacher, write_photos
+from conftest import QuietHandler, save_tiny_teacher, write_photos
 from distill_app import harvest as harvest_module
 from distill_app import pacing
 from distill_app.checkpoint import read_student
@@ -57,14 +57,11 @@ def leaked(blob: bytes) -> list[str]:
     return [k for k in KEYS if k.encode() in blob or quote(k, safe="").encode() in blob]
 
 
-
-
-class Echo(BaseHTTPRequestHandler):
+class Echo(QuietHandler):
     """A misbehaving proxy: echoes the request line (?key=) and Authorization header into its
     answers. POST /STATUS/...: that status; for 200, labels (hf) or a per-image error and labels
     (google) that carry the echo."""
 
-    protocol_version = "HTTP/1.1"
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -78,15 +75,7 @@ class Echo(BaseHTTPRequestHandler):
             n = len(json.loads(body)["requests"])
             answer = {"responses": [{"error": {"code": 3, "message": f"Bad image data: {echo}"}}] + [
                 {"labelAnnotations": [{"description": f"Cat {echo}", "score": 0.9}]}] * (n - 1)}
-        data = json.dumps(answer).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+        self.reply(status, answer)
 
 
 @pytest.fixture
@@ -241,18 +230,12 @@ def _png() -> bytes:
 # --- TLS -----------------------------------------------------------------------------------------
 
 
-class Recorder(BaseHTTPRequestHandler):
+class Recorder(QuietHandler):
     posts: list = []
 
     def do_POST(self):
         Recorder.posts.append(self.path)
-        self.send_response(200)
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"{}")
-
-    def log_message(self, *args):
-        pass
+        self.reply(200, b"{}")
 
 
 @pytest.fixture
