@@ -53,8 +53,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from cache import open_store  # noqa: E402
-from distill_app.harvest import HarvestConfig, harvest  # noqa: E402
-from distill_app.server import ServeOptions, endpoints, serve, stop  # noqa: E402
+from distill_app.harvest.engine import HarvestConfig, harvest  # noqa: E402
+from distill_app.teachers.serve import ServeOptions, endpoints, serve, stop  # noqa: E402
 
 TOKEN = "chaos-bench-token"
 # Generous: on a busy machine a normal request must never time out by accident, or its

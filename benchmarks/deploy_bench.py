@@ -34,12 +34,12 @@ import numpy as np
 import torch
 
 from cache import open_store
-from distill_app.checkpoint import load_student
-from distill_app.evaluate import _first_teacher, teacher_targets
-from distill_app.export import (Candidate, deployment_metadata, folder_images, interleaved_latency,
+from distill_app.training.checkpoint import load_student
+from distill_app.deploy.evaluate import _first_teacher, teacher_targets
+from distill_app.deploy.export import (Candidate, deployment_metadata, folder_images, interleaved_latency,
                                 load_torchscript, onnx_candidate, predict_all, quantize_onnx, quantize_torch,
                                 save_torchscript, torch_candidate, torch_threads, write_fp32)
-from distill_app.prune import PruneConfig, prune_student
+from distill_app.deploy.prune import PruneConfig, prune_student
 
 DATA = "/work/shared/data/imagenette-dev"
 

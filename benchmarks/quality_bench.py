@@ -29,10 +29,10 @@ from pathlib import Path
 
 import requests
 
-from distill_app.evaluate import evaluate
-from distill_app.harvest import HarvestConfig, harvest
-from distill_app.images import load, scan
-from distill_app.train import TrainConfig, train
+from distill_app.deploy.evaluate import evaluate
+from distill_app.harvest.engine import HarvestConfig, harvest
+from distill_app.data.images import load, scan
+from distill_app.training.trainer import TrainConfig, train
 
 DATA = "/work/shared/data/imagenette-dev"
 HERE = Path(__file__).resolve().parent

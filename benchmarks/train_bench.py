@@ -4,7 +4,7 @@ Same model (MobileNetV2, --width, --image-size), batch size, optimizer (the trai
 threads and data, in two processes that take turns every --turn steps, so that both see the
 same machine load (the CPUs may be shared with other jobs):
 
-1. the trainer, a child process calling ``distill_app.train.train`` on --images with the answers
+1. the trainer, a child process calling ``distill_app.training.trainer.train`` on --images with the answers
    in --db: scan, targets, a fresh pixel cache (decoded, resized, uint8), then epochs with
    augmentation, validation and checkpoints. Its progress callback pauses it every --turn steps;
    the time it runs between pauses is its loop time (validation and checkpoints are counted
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as distill_app.train does: the bound gets the same
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as distill_app.training.trainer does: the bound gets the same
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -73,7 +73,7 @@ def main() -> None:
 def trainer_child(config: dict, threads: int | None, turn: int) -> None:
     import torch
 
-    from distill_app.train import TrainConfig, train
+    from distill_app.training.trainer import TrainConfig, train
 
     if threads:
         torch.set_num_threads(threads)
@@ -131,7 +131,7 @@ class Bound:
         import numpy as np
         import torch
 
-        from distill_app.train import make_optimizer, to_input
+        from distill_app.training.trainer import make_optimizer, to_input
         from students import create_student
 
         torch.manual_seed(0)
@@ -147,7 +147,7 @@ class Bound:
 
     def run(self, steps: int) -> float:
         """Seconds for ``steps`` optimizer steps."""
-        from distill_app.losses import distill_loss
+        from distill_app.training.losses import distill_loss
 
         started = time.perf_counter()
         for _ in range(steps):
@@ -165,7 +165,7 @@ def data_path_ms(pixels, args, rounds: int = 20) -> float:
     import numpy as np
     import torch
 
-    from distill_app.pixels import PixelBatches, augment_params
+    from distill_app.data.pixels import PixelBatches, augment_params
 
     rng = np.random.default_rng(0)
     items = []
@@ -257,7 +257,7 @@ def take_turns(args, work: Path, child: subprocess.Popen) -> dict:
 def classes_of(label_map: str | None) -> int:
     """The student's outputs: the label map's classes; without one, an ImageNet teacher's 1,000
     (the head is a small part of the cost either way)."""
-    from distill_app.targets import load_label_map
+    from distill_app.data.targets import load_label_map
 
     return len(load_label_map(label_map).classes) if label_map else 1000
 

@@ -60,7 +60,7 @@ def harvest(
 
     Example: distill harvest --images photos/ --teacher hf:google/vit-base-patch16-224 --rate 5
     """
-    from .harvest import HarvestConfig, harvest as run_harvest
+    from .harvest.engine import HarvestConfig, harvest as run_harvest
 
     cfg = HarvestConfig(
         images=str(images), teacher=teacher, endpoint=endpoint, db=db, rate=rate,
@@ -128,8 +128,8 @@ def train(
 
     Several GPUs: torchrun --nproc-per-node 4 $(which distill) train ... (docs/distributed.md)
     """
-    from .distributed import is_main_process
-    from .train import TrainConfig, train as run_train
+    from .training.distributed import is_main_process
+    from .training.trainer import TrainConfig, train as run_train
 
     _check_choice("--targets", targets, ("soft", "hard"))
     _check_choice("--loss", loss, ("mse", "kl"))
@@ -166,7 +166,7 @@ def eval_cmd(
 
     Example: distill eval --student runs/mobilenetv2-1 --images photos/val --report report/
     """
-    from .evaluate import evaluate, write_report
+    from .deploy.evaluate import evaluate, write_report
 
     result = evaluate(str(student), str(images), db_path=db or default_db_path(), teacher_spec=teacher)
     if report:
@@ -177,7 +177,7 @@ def eval_cmd(
 
 
 def _print_eval(r: dict) -> None:
-    from .evaluate import headline_rows
+    from .deploy.evaluate import headline_rows
 
     for name, value in headline_rows(r):
         err.print(f"{name:<40} {value}", markup=False)
@@ -221,7 +221,7 @@ def cache_labels(
 
     Example: distill cache labels --teacher local --label-map classes.toml
     """
-    from .teachers.resolve import stored_teacher
+    from .teachers.spec import stored_teacher
 
     store = open_store(db)
     try:
@@ -229,8 +229,8 @@ def cache_labels(
     finally:
         store.close()
     if label_map:
-        from .label_check import check_label_map
-        from .targets import load_label_map
+        from .data.label_check import check_label_map
+        from .data.targets import load_label_map
 
         report = check_label_map(answers, load_label_map(label_map), top=limit)
         _print_label_check(report)
@@ -330,7 +330,7 @@ def serve_teacher(
 
     Example: distill serve-teacher --teacher local --port 8000 --rate 20 --fail-rate 0.1
     """
-    from .server import FORMATS, ServeOptions, run_forever
+    from .teachers.serve import FORMATS, ServeOptions, run_forever
 
     if wire_format is not None:
         _check_choice("--format", wire_format, FORMATS)
@@ -363,7 +363,7 @@ def export(
 
     Example: distill export --student runs/mobilenetv2-1 --format onnx --int8 --images photos/val
     """
-    from .export import FORMATS, ExportConfig, export_student
+    from .deploy.export import FORMATS, ExportConfig, export_student
 
     _check_choice("--format", fmt, FORMATS)
     result = export_student(ExportConfig(
@@ -412,7 +412,7 @@ def prune(
 
     Example: distill prune --student runs/mobilenetv2-1 --amount 0.3 --steps 2 --epochs 3
     """
-    from .prune import PruneConfig, prune_student
+    from .deploy.prune import PruneConfig, prune_student
 
     cfg = PruneConfig(student=str(student), amount=amount, steps=steps, epochs=epochs,
                       images=str(images) if images else None, db=db, out=str(out) if out else None,

@@ -79,9 +79,9 @@ def run_demo(workdir: Path, epochs: int = 30, log: Callable[[str], None] = print
     """harvest -> train -> eval in ``workdir``; returns the three summaries."""
     import torch
 
-    from .evaluate import evaluate, write_report
-    from .harvest import HarvestConfig, harvest
-    from .train import TrainConfig, train
+    from .deploy.evaluate import evaluate, write_report
+    from .harvest.engine import HarvestConfig, harvest
+    from .training.trainer import TrainConfig, train
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

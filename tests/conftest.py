@@ -61,7 +61,7 @@ def store_folder_answers(photos: Path, db, score: float, teacher: str = "local:e
     """Record every photo under ``photos`` in a real store at ``db`` as answered by ``teacher``:
     its folder label with ``score``, "other thing" with the rest (the teacher is tested elsewhere)."""
     from cache import ImageRow, Response, open_store
-    from distill_app.images import sha256_bytes
+    from distill_app.data.images import sha256_bytes
 
     files = sorted(photos.rglob("*.jpg"))
     shas = [sha256_bytes(f.read_bytes()) for f in files]

@@ -35,8 +35,8 @@ from PIL import Image
 
 from cache import open_store
 from conftest import QuietHandler
-from distill_app.harvest import HarvestConfig, harvest
-from distill_app.targets import build_targets
+from distill_app.harvest.engine import HarvestConfig, harvest
+from distill_app.data.targets import build_targets
 from distill_app.teachers import AuthError, TeacherOptions, TransientError, create_teacher
 
 KEY = "canned-key-3f9a"

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from cache import open_store
-from distill_app import images as imgs
-from distill_app.harvest import HarvestConfig, harvest
-from distill_app.upload import prepare_upload
+from distill_app.data import images as imgs
+from distill_app.harvest.engine import HarvestConfig, harvest
+from distill_app.harvest.upload import prepare_upload
 
 
 def _png_with_declared_size(width: int, height: int) -> bytes:

@@ -16,8 +16,8 @@ import sys
 import pytest
 import torch
 
-from distill_app.checkpoint import load_student
-from distill_app.train import TrainConfig, train
+from distill_app.training.checkpoint import load_student
+from distill_app.training.trainer import TrainConfig, train
 from test_train import make_dataset, store_answers
 
 FLAGS = ["--width", "0.35", "--image-size", "32", "--batch-size", "8", "--device", "cpu"]

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from cache import ImageRow, Response, open_store
-from distill_app.checkpoint import load_student, save_student
+from distill_app.training.checkpoint import load_student, save_student
 from distill_app.errors import DistillError
-from distill_app.evaluate import LatencyOptions, calibration, evaluate, fidelity, write_report
-from distill_app.pixels import load_pixels
+from distill_app.deploy.evaluate import LatencyOptions, calibration, evaluate, fidelity, write_report
+from distill_app.data.pixels import load_pixels
 from students import STUDENT_MEAN, STUDENT_STD, count_params, create_student
 
 CLASSES = ["car", "cat", "dog"]

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from conftest import save_tiny_teacher, write_photos
-from distill_app.server import ServeOptions, endpoints, serve, server_url, stop
+from distill_app.teachers.serve import ServeOptions, endpoints, serve, server_url, stop
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit: deprecated, supported
 

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from cache import open_store
 from conftest import save_tiny_teacher, write_photos
 from distill_app.cli import app
-from distill_app.harvest import HarvestConfig, harvest
-from distill_app.server import ServeOptions, endpoints, serve, server_url, stop
+from distill_app.harvest.engine import HarvestConfig, harvest
+from distill_app.teachers.serve import ServeOptions, endpoints, serve, server_url, stop
 from distill_app.teachers import TeacherOptions, TransientError, create_teacher
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit: deprecated, supported

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from cache import open_store
 from distill_app.cli import app
-from distill_app.harvest import HarvestConfig, harvest
+from distill_app.harvest.engine import HarvestConfig, harvest
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ import io
 
 from PIL import Image
 
-from distill_app import images as imgs
-from distill_app.upload import prepare_upload
+from distill_app.data import images as imgs
+from distill_app.harvest.upload import prepare_upload
 
 
 def test_scan_labels_and_skips(photos):

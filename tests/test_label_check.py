@@ -6,8 +6,8 @@ from typer.testing import CliRunner
 
 from cache import ImageRow, Response, open_store
 from distill_app.cli import app
-from distill_app.label_check import check_label_map
-from distill_app.targets import LabelMap
+from distill_app.data.label_check import check_label_map
+from distill_app.data.targets import LabelMap
 
 ANSWERS = {
     "a" * 64: [("tabby cat", 0.6), ("tiger cat", 0.3), ("dog", 0.1)],

@@ -12,7 +12,7 @@ from torch import nn
 from distill_app.device import resolve_device
 from distill_app.errors import DistillError
 from distill_app.teachers import DISTRIBUTION, TeacherOptions, create_teacher
-from distill_app import images as images_module
+from distill_app.data import images as images_module
 from distill_app.teachers import local as local_module
 
 CAT_PATH = os.path.join(os.path.dirname(skimage.__file__), "data", "chelsea.png")

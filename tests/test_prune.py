@@ -10,10 +10,10 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import store_folder_answers
-from distill_app.checkpoint import load_student, save_student
+from distill_app.training.checkpoint import load_student, save_student
 from distill_app.cli import app
 from distill_app.errors import DistillError
-from distill_app.prune import PruneConfig, channel_scores, prune_student, prune_to, target_widths
+from distill_app.deploy.prune import PruneConfig, channel_scores, prune_student, prune_to, target_widths
 from students import STUDENT_MEAN, STUDENT_STD, count_macs, count_params, create_student
 from students.pruned import PRUNED_NAME, expanded_blocks, hidden_channels
 

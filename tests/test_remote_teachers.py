@@ -26,8 +26,8 @@ from PIL import Image
 from cache import open_store
 from conftest import QuietHandler, save_tiny_teacher, write_photos
 from distill_app.errors import DistillError
-from distill_app.harvest import HarvestConfig, harvest
-from distill_app.server import ServeOptions, endpoints, serve, server_url, stop
+from distill_app.harvest.engine import HarvestConfig, harvest
+from distill_app.teachers.serve import ServeOptions, endpoints, serve, server_url, stop
 from distill_app.teachers import MULTILABEL, TOPK, AuthError, TeacherOptions, create_teacher
 from distill_app.teachers.remote import (
     check_endpoint,

@@ -10,9 +10,9 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import store_folder_answers
-from distill_app.checkpoint import save_student
+from distill_app.training.checkpoint import save_student
 from distill_app.cli import app
-from distill_app.evaluate import LatencyOptions, evaluate, training_history, write_report
+from distill_app.deploy.evaluate import LatencyOptions, evaluate, training_history, write_report
 from students import STUDENT_MEAN, STUDENT_STD, create_student
 
 CLASSES = ["cat", "coffee"]

@@ -35,13 +35,13 @@ from typer.testing import CliRunner
 
 from cache import open_store
 from conftest import QuietHandler, save_tiny_teacher, write_photos
-from distill_app import harvest as harvest_module
-from distill_app import pacing
-from distill_app.checkpoint import read_student
+from distill_app.harvest import engine as harvest_module
+from distill_app.harvest import pacing as pacing
+from distill_app.training.checkpoint import read_student
 from distill_app.cli import app
 from distill_app.errors import DistillError
-from distill_app.harvest import HarvestConfig, harvest
-from distill_app.server import ServeOptions, endpoints, serve, stop
+from distill_app.harvest.engine import HarvestConfig, harvest
+from distill_app.teachers.serve import ServeOptions, endpoints, serve, stop
 from distill_app.teachers import TeacherOptions, create_teacher
 from distill_app.teachers.local import read_state_dict
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distill_app.errors import DistillError
-from distill_app.targets import (LabelMap, build_targets, default_classes, ensemble, hard_labels,
+from distill_app.data.targets import (LabelMap, build_targets, default_classes, ensemble, hard_labels,
                                  load_label_map, one_hot, with_other)
 
 DOGS = 'tench = ["tench, Tinca tinca"]\ndog = ["re:.*(terrier|retriever).*", "Dog"]\n'

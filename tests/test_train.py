@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 
 from cache import ImageRow, Response, open_store
-from distill_app.checkpoint import load_student
-from distill_app.distributed import Ranks
+from distill_app.training.checkpoint import load_student
+from distill_app.training.distributed import Ranks
 from distill_app.errors import DistillError
-from distill_app.images import sha256_bytes
-from distill_app.pixels import crop_flip
-from distill_app.train import (TrainConfig, augment, crop_padding, epoch_batches, epoch_plan, get_lr,
+from distill_app.data.images import sha256_bytes
+from distill_app.data.pixels import crop_flip
+from distill_app.training.trainer import (TrainConfig, augment, crop_padding, epoch_batches, epoch_plan, get_lr,
                                parse_teacher, split_val, to_input, train)
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}

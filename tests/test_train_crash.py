@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import store_folder_answers
-from distill_app import checkpoint
-from distill_app.checkpoint import atomic_save, load_student
+from distill_app.training import checkpoint as checkpoint
+from distill_app.training.checkpoint import atomic_save, load_student
 
 
 def test_sigkill_then_resume(photos, tmp_path):

@@ -27,7 +27,7 @@ import torch
 
 from ..device import resolve_device
 from ..errors import DistillError
-from ..images import decode_rgb
+from ..data.images import decode_rgb
 from .base import DISTRIBUTION, Answer, Teacher, TeacherOptions, register
 
 # Probabilities below this are noise for training targets and bloat the cache ~100x.

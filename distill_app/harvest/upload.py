@@ -6,7 +6,7 @@ import io
 
 from PIL import Image, ImageOps
 
-from .images import has_alpha, open_image, to_rgb8
+from ..data.images import has_alpha, open_image, to_rgb8
 
 
 def prepare_upload(data: bytes, max_side: int = 512) -> tuple[bytes, str]:

@@ -12,8 +12,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .device import resolve_device
-from .errors import DistillError
+from ..device import resolve_device
+from ..errors import DistillError
 
 log = logging.getLogger("distill.train")
 

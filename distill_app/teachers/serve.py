@@ -35,8 +35,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 from urllib.parse import parse_qs, urlsplit
 
-from .errors import DistillError
-from .teachers import Answer, Teacher, TeacherOptions, create_teacher
+from ..errors import DistillError
+from . import Answer, Teacher, TeacherOptions, create_teacher
 
 log = logging.getLogger("distill.server")
 

@@ -49,12 +49,12 @@ from students import StudentConfig, create_student  # noqa: E402
 
 from .checkpoint import atomic_save, save_student  # noqa: E402
 from .distributed import Ranks, all_sum, join_processes, on_main  # noqa: E402
-from .errors import DistillError  # noqa: E402
-from .images import Skip, load, scan  # noqa: E402
+from ..errors import DistillError  # noqa: E402
+from ..data.images import Skip, load, scan  # noqa: E402
 from .losses import LOSSES, distill_loss  # noqa: E402
-from .pixels import PixelBatches, augment, augment_params, crop_padding, load_pixels, to_input  # noqa: E402,F401
-from .teachers.resolve import canonical_spec, stored_teacher  # noqa: E402
-from .targets import (LabelMap, build_targets, default_classes, ensemble, hard_labels,  # noqa: E402
+from ..data.pixels import PixelBatches, augment, augment_params, crop_padding, load_pixels, to_input  # noqa: E402,F401
+from ..teachers.spec import canonical_spec, stored_teacher  # noqa: E402
+from ..data.targets import (LabelMap, build_targets, default_classes, ensemble, hard_labels,  # noqa: E402
                       load_label_map, one_hot, teacher_argmax, with_other)
 
 log = logging.getLogger(__name__)

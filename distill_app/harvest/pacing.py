@@ -9,7 +9,7 @@ import time
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_exponential_jitter
 
-from .teachers.base import TransientError
+from ..teachers.base import TransientError
 
 log = logging.getLogger("distill.harvest")
 

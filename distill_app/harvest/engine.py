@@ -24,10 +24,10 @@ from typing import Callable
 
 from cache import ImageRow, Response, Store, open_store
 
-from . import images as imgs
-from .errors import DistillError
+from ..data import images as imgs
+from ..errors import DistillError
 from .pacing import RateLimiter, retry_policy
-from .teachers import AuthError, Teacher, TeacherOptions, TransientError, create_teacher
+from ..teachers import AuthError, Teacher, TeacherOptions, TransientError, create_teacher
 from .upload import prepare_upload
 
 log = logging.getLogger("distill.harvest")

@@ -32,14 +32,14 @@ from students import count_macs, count_params
 from students.pruned import (PRUNED_NAME, expanded_blocks, hidden_channels, keep_block_channels,
                              keep_head_channels)
 
-from .checkpoint import load_student, save_student
-from .device import resolve_device
-from .errors import DistillError
+from ..training.checkpoint import load_student, save_student
+from ..device import resolve_device
+from ..errors import DistillError
 from .export import interleaved_latency, torch_candidate
-from .losses import distill_loss
-from .pixels import load_pixels
-from .targets import OTHER, one_hot
-from .train import TrainConfig, TrainData, augment, epoch_batches, get_lr, prepare_data, to_input
+from ..training.losses import distill_loss
+from ..data.pixels import load_pixels
+from ..data.targets import OTHER, one_hot
+from ..training.trainer import TrainConfig, TrainData, augment, epoch_batches, get_lr, prepare_data, to_input
 
 log = logging.getLogger(__name__)
 

@@ -23,12 +23,12 @@ import students.pruned  # noqa: F401  (registers mobilenetv2_pruned: pruned runs
 from cache import default_db_path, open_store
 from students import count_macs, count_params
 
-from .checkpoint import load_student
-from .errors import DistillError
-from .images import LoadedImage, load, scan
-from .pixels import load_pixels
-from .targets import OTHER, LabelMap, build_targets, load_label_map
-from .teachers.resolve import canonical_spec
+from ..training.checkpoint import load_student
+from ..errors import DistillError
+from ..data.images import LoadedImage, load, scan
+from ..data.pixels import load_pixels
+from ..data.targets import OTHER, LabelMap, build_targets, load_label_map
+from ..teachers.spec import canonical_spec
 
 ECE_BINS = 15
 METRICS_FILE = "metrics.jsonl"  # the run's per-epoch metrics, written by train and prune
@@ -393,7 +393,7 @@ def student_latency(model: torch.nn.Module, image_size: int, options: LatencyOpt
 def teacher_latency(spec: str, options: LatencyOptions, student_ms: float) -> dict:
     """The local teacher's CPU latency at batch 1 and ``options.batch``, its parameters and
     MACs, and the student's speed-up over it at batch 1."""
-    from .teachers import TeacherOptions, create_teacher
+    from ..teachers import TeacherOptions, create_teacher
 
     out = {"spec": spec, "ms_per_image_batch1": None, "ms_per_batch": None, "speedup": None, "note": None}
     try:

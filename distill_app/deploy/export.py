@@ -28,10 +28,10 @@ import torch
 import students.pruned  # noqa: F401  (registers mobilenetv2_pruned, so pruned runs export too)
 from cache import default_db_path, open_store
 
-from .checkpoint import load_student
-from .errors import DistillError
+from ..training.checkpoint import load_student
+from ..errors import DistillError
 from .evaluate import collect_images, truth_indices
-from .pixels import load_pixels
+from ..data.pixels import load_pixels
 
 FORMATS = ("onnx", "torchscript")
 OPSET = 17

@@ -21,7 +21,7 @@ import torch
 
 from students import create_student
 
-from .errors import DistillError
+from ..errors import DistillError
 
 FORMAT = "distill-student/1"
 

@@ -35,7 +35,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import DistillError
+from ..errors import DistillError
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Harvest: send each image once to the teacher, paced and retried, and store every answer."""

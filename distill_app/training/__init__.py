@@ -1,0 +1,1 @@
+"""Training: configuration, data preparation, schedule, losses, checkpoints and the trainer loop."""
