@@ -35,7 +35,8 @@ import torch
 
 from cache import open_store
 from distill_app.training.checkpoint import load_student
-from distill_app.deploy.evaluate import _first_teacher, teacher_targets
+from distill_app.deploy.evaluate import teacher_targets
+from distill_app.teachers.spec import first_teacher
 from distill_app.deploy.export import (Candidate, deployment_metadata, folder_images, interleaved_latency,
                                 load_torchscript, onnx_candidate, predict_all, quantize_onnx, quantize_torch,
                                 save_torchscript, torch_candidate, torch_threads, write_fp32)
@@ -161,7 +162,7 @@ def measure(students: list[Candidate], teachers: list[Candidate], val, meta: dic
 
 def stored_teacher_top1(db: str, meta: dict, val) -> tuple[np.ndarray, np.ndarray, float | None]:
     """(teacher top-1 per answered image, their rows in ``val``, the teacher's accuracy there)."""
-    spec = _first_teacher(meta)
+    spec = first_teacher(meta.get("teachers"))
     store = open_store(db)
     try:
         row = store.find_teacher(spec)

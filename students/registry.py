@@ -99,6 +99,7 @@ class StudentConfig:
     image_size: int = 224  # pixels, square input
     mean: tuple[float, float, float] = STUDENT_MEAN
     std: tuple[float, float, float] = STUDENT_STD
+    hidden_channels: list[int] | None = None  # pruned MobileNetV2: the kept width of each block
 
     def to_dict(self) -> dict:
         """JSON-ready (tuples become lists)."""

@@ -9,11 +9,19 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import logging
 import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image, ImageOps
+
+from ..errors import DistillError
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 # Decompression-bomb guard: PIL warns above MAX_IMAGE_PIXELS and raises above twice that;
@@ -160,3 +168,72 @@ def decode_rgb(data: bytes) -> Image.Image:
         raise
     except Exception as e:  # truncated data and friends surface only when pixels are read
         raise ValueError(f"not a readable image: {type(e).__name__}") from None
+
+
+# -- the one scanner: harvest, train, eval and export all see the same images ------------------
+
+
+@dataclass(frozen=True)
+class ScannedImage:
+    """A readable image file: what the store records about it (no pixels, no bytes kept)."""
+
+    path: str
+    label: str | None
+    sha256: str
+    width: int
+    height: int
+    bytes: int
+
+
+@dataclass
+class ScannedFolder:
+    """Every image file under a folder, checked: the usable ones in scan order, and why the rest
+    cannot be used."""
+
+    root: str
+    files: int  # image files found (by suffix)
+    images: list[ScannedImage]  # every usable file; the same bytes under two names appear twice
+    skipped: Counter  # reason -> files that cannot be used (bad type, unreadable, corrupt, ...)
+
+    def distinct(self) -> list[ScannedImage]:
+        """One entry per content hash: the first file (in scan order) holding those bytes."""
+        seen: dict[str, ScannedImage] = {}
+        for image in self.images:
+            seen.setdefault(image.sha256, image)
+        return list(seen.values())
+
+    @property
+    def duplicates(self) -> int:
+        """Files whose bytes equal an earlier file's."""
+        return len(self.images) - len({i.sha256 for i in self.images})
+
+
+def scan_images(root: str | os.PathLike, progress: Callable[[int, int], None] | None = None,
+                flag: str = "--images") -> ScannedFolder:
+    """Scan ``root``, then read, hash and fully decode every image file (threads: reading and
+    hashing release the GIL, decoding partly does). ``progress(done, total)`` per file.
+
+    A missing folder is a DistillError naming ``flag``; bad files are counted in ``skipped``.
+    """
+    if not os.path.isdir(root):
+        raise DistillError(f"{flag} {display_path(str(root))!r} is not a folder")
+    files, skips = scan(root)
+    skipped = Counter(s.reason for s in skips)
+    images: list[ScannedImage] = []
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for done, item in enumerate(pool.map(_checked, files), 1):
+            if isinstance(item, Skip):
+                skipped[item.reason] += 1
+                log.debug("skipped %s: %s", item.path, item.reason)
+            else:
+                images.append(item)
+            if progress:
+                progress(done, len(files))
+    return ScannedFolder(str(root), len(files), images, skipped)
+
+
+def _checked(file: ImageFile) -> ScannedImage | Skip:
+    loaded = load(file)
+    if isinstance(loaded, Skip):
+        return loaded
+    return ScannedImage(loaded.path, loaded.label, loaded.sha256, loaded.width, loaded.height, len(loaded.data))

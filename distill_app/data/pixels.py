@@ -136,17 +136,21 @@ def _reflect(i: torch.Tensor, size: int) -> torch.Tensor:
     return torch.where(i >= size, 2 * (size - 1) - i, i)
 
 
-@functools.lru_cache(maxsize=8)
-def _affine(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+@functools.lru_cache(maxsize=16)
+def _affine(device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     # Cached per device: building them from Python lists on CUDA is a blocking copy every step.
-    mean = torch.tensor(STUDENT_MEAN) * 255
-    std = torch.tensor(STUDENT_STD) * 255
-    return (1 / std).to(device), (-mean / std).to(device)
+    mean_t = torch.tensor(mean) * 255
+    std_t = torch.tensor(std) * 255
+    return (1 / std_t).to(device), (-mean_t / std_t).to(device)
 
 
-def to_input(x: torch.Tensor) -> torch.Tensor:
-    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32 normalised with STUDENT_MEAN/STD, channels_last."""
-    scale, shift = _affine(x.device)
+def to_input(x: torch.Tensor, mean=STUDENT_MEAN, std=STUDENT_STD) -> torch.Tensor:
+    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32, ``(x / 255 - mean) / std`` per channel, channels_last.
+
+    The one normalisation of student input: training, eval, export and prune all call it with the
+    student's own ``mean``/``std`` (its :class:`students.StudentConfig`).
+    """
+    scale, shift = _affine(x.device, tuple(float(m) for m in mean), tuple(float(s) for s in std))
     y = x.contiguous().to(torch.float32)
     torch.addcmul(shift, y, scale, out=y)  # (x - mean) / std in one pass, in place
     # NHWC permuted to NCHW is channels_last in memory: no copy.

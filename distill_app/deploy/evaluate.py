@@ -25,10 +25,10 @@ from students import count_macs, count_params
 
 from ..training.checkpoint import load_student
 from ..errors import DistillError
-from ..data.images import LoadedImage, load, scan
+from ..data.images import scan_images
 from ..data.pixels import load_pixels
 from ..data.targets import OTHER, LabelMap, build_targets, load_label_map
-from ..teachers.spec import canonical_spec
+from ..teachers.spec import first_teacher, parse_teacher
 
 ECE_BINS = 15
 METRICS_FILE = "metrics.jsonl"  # the run's per-epoch metrics, written by train and prune
@@ -120,24 +120,12 @@ def collect_images(images_dir: str | os.PathLike) -> EvalImages:
     """Scan and check the images; a file with the bytes of an earlier one is counted once."""
     if not Path(images_dir).is_dir():
         raise DistillError(f"no images folder at {images_dir}: pass --images DIR")
-    files, skips = scan(images_dir)
-    skipped = Counter(s.reason for s in skips)
-    shas, paths, labels, seen, duplicates = [], [], [], set(), 0
-    for f in files:
-        item = load(f)
-        if not isinstance(item, LoadedImage):
-            skipped[item.reason] += 1
-            continue
-        if item.sha256 in seen:
-            duplicates += 1
-            continue
-        seen.add(item.sha256)
-        shas.append(item.sha256)
-        paths.append(item.path)
-        labels.append(item.label)
-    if not shas:
-        raise DistillError(f"no usable images under {images_dir} ({sum(skipped.values())} skipped)")
-    return EvalImages(shas, paths, labels, dict(skipped), duplicates)
+    found = scan_images(images_dir)
+    distinct = found.distinct()
+    if not distinct:
+        raise DistillError(f"no usable images under {images_dir} ({sum(found.skipped.values())} skipped)")
+    return EvalImages([i.sha256 for i in distinct], [i.path for i in distinct], [i.label for i in distinct],
+                      dict(found.skipped), found.duplicates)
 
 
 def predict_probs(model: torch.nn.Module, pixels: np.ndarray, mean, std, batch_size: int) -> np.ndarray:
@@ -232,7 +220,7 @@ def teacher_metrics(
     teacher_spec: str | None,
 ) -> dict:
     """Fidelity to the teacher's stored answers; null fields (and a ``note``) when there are none."""
-    spec = _stored_spec(teacher_spec) if teacher_spec else _first_teacher(meta)
+    spec = parse_teacher(teacher_spec)[0] if teacher_spec else first_teacher(meta.get("teachers"))
     # answered: images with a stored answer; compared: those whose answer maps to a student class.
     out = {"spec": spec, "score_kind": None, "answered": 0, "compared": 0, "agreement": None,
            "mse": None, "kl": None, "accuracy": None, "labelled": 0, "student_accuracy": None, "note": None}
@@ -302,24 +290,6 @@ def fidelity(student: np.ndarray, teacher: np.ndarray, truth: np.ndarray) -> dic
     return {"compared": int(len(student)), "agreement": _round(agreement, 4), "mse": _round(mse, 6),
             "kl": _round(kl, 6), "accuracy": _round(teacher_acc, 4), "labelled": labelled,
             "student_accuracy": _round(student_acc, 4)}
-
-
-def _first_teacher(meta: dict) -> str | None:
-    teachers = meta.get("teachers") or []
-    return _stored_spec(teachers[0]) if teachers else None
-
-
-def _stored_spec(text: str) -> str:
-    """``"hf:a/b@0.3"`` -> ``"hf:a/b"``, ``"local"`` -> ``"local:efficientnet_lite0"``.
-
-    An ``@`` not followed by a number belongs to the spec (a path), as in training.
-    """
-    spec, at, weight = text.strip().rpartition("@")
-    try:
-        float(weight)
-    except ValueError:
-        spec = text.strip()
-    return canonical_spec(spec if at else text.strip())
 
 
 def _classes_or_map(meta: dict) -> LabelMap | list[str]:

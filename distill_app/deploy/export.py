@@ -32,6 +32,7 @@ from ..training.checkpoint import load_student
 from ..errors import DistillError
 from .evaluate import collect_images, truth_indices
 from ..data.pixels import load_pixels
+from ..teachers.spec import first_teacher
 
 FORMATS = ("onnx", "torchscript")
 OPSET = 17
@@ -336,9 +337,7 @@ def harvested_images(db: str | None, meta: dict, limit: int) -> ImageSet:
     path = db or default_db_path()
     if not Path(path).exists():
         raise DistillError(f"no database at {path} for calibration images: pass --db or --calib-images DIR")
-    from .evaluate import _first_teacher
-
-    spec = _first_teacher(meta)
+    spec = first_teacher(meta.get("teachers"))
     store = open_store(path)
     try:
         row = store.find_teacher(spec) if spec else None

@@ -162,31 +162,17 @@ def _make_teacher(cfg: HarvestConfig, options: TeacherOptions) -> Teacher:
 
 def ingest(store: Store, images_dir: str, summary: Summary) -> dict[str, str]:
     """Scan, hash and record the images; returns sha256 -> one path holding those bytes."""
-    if not os.path.isdir(images_dir):
-        raise DistillError(f"--images {images_dir!r} is not a folder")
-    files, skips = imgs.scan(images_dir)
-    summary.files_found = len(files)
-    skipped = collections.Counter(s.reason for s in skips)
-    paths: dict[str, str] = {}
-    rows: list[ImageRow] = []
-    for f in files:
-        loaded = imgs.load(f)
-        if isinstance(loaded, imgs.Skip):
-            skipped[loaded.reason] += 1
-            continue
-        paths.setdefault(loaded.sha256, loaded.path)
-        rows.append(ImageRow(loaded.sha256, imgs.display_path(loaded.path), loaded.width, loaded.height,
-                             len(loaded.data),
-                             loaded.label and imgs.display_path(loaded.label)))
-        if len(rows) >= 500:
-            store.add_images(rows)
-            rows = []
-    if rows:
-        store.add_images(rows)
+    found = imgs.scan_images(images_dir)
+    summary.files_found = found.files
+    rows = [ImageRow(i.sha256, imgs.display_path(i.path), i.width, i.height, i.bytes,
+                     i.label and imgs.display_path(i.label)) for i in found.images]
+    for start in range(0, len(rows), 500):
+        store.add_images(rows[start:start + 500])
+    paths = {i.sha256: i.path for i in found.distinct()}
     summary.images = len(paths)
-    summary.skipped_files = sum(skipped.values())
-    summary.skipped_by_reason = dict(skipped.most_common())
-    if not files:
+    summary.skipped_files = sum(found.skipped.values())
+    summary.skipped_by_reason = dict(found.skipped.most_common())
+    if not found.files:
         raise DistillError(f"no images (jpg/jpeg/png/webp/bmp/gif) under {images_dir}")
     return paths
 

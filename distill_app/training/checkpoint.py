@@ -1,29 +1,64 @@
-"""The student file ``model.pt``: weights plus everything eval and export need, written atomically.
+"""The run folder's files, and the student file ``model.pt``: weights plus everything eval,
+export and prune need (:class:`StudentFile`), read and written here only, atomically.
 
 Layout (plain Python types only, so it loads with ``torch.load(weights_only=True)``)::
 
     {"format": "distill-student/1",
      "state_dict": {...},
-     "student": {"name", "num_classes", "width", "image_size", "mean", "std"},
+     "student": {"name", "num_classes", "width", "image_size", "mean", "std", "hidden_channels"},
      "classes": [str, ...],           # output index -> class name
      "teachers": [str, ...],          # teacher specs whose answers were the targets
      "metrics": {...},                # best validation metrics
-     "config": {...}}                 # the resolved training configuration
+     "config": {...},                 # the resolved training configuration
+     "label_map": {...} | None,       # class -> teacher labels, as trained
+     "pruning": {...} | None}         # what `distill prune` did, for pruned students
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from students import create_student
+from students import StudentConfig, create_student
 
 from ..errors import DistillError
 
 FORMAT = "distill-student/1"
+# The files of a run folder (train writes them all; prune writes model, config and metrics).
+MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE, CONFIG_FILE, CURVES_FILE = (
+    "model.pt", "last.pt", "metrics.jsonl", "config.json", "curves.png")
+
+
+@dataclass
+class StudentFile:
+    """What ``model.pt`` holds besides the weights."""
+
+    student: StudentConfig
+    classes: list[str]  # output index -> class name
+    teachers: list[str] = field(default_factory=list)  # SPEC or SPEC@WEIGHT, as trained
+    metrics: dict = field(default_factory=dict)  # best validation metrics
+    config: dict = field(default_factory=dict)  # the resolved training configuration
+    label_map: dict | None = None  # class -> teacher labels (None: the teacher's own vocabulary)
+    pruning: dict | None = None  # for pruned students: amount, widths, before/after
+
+    @property
+    def image_size(self) -> int:
+        return int(self.student.image_size)
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "student": self.student.to_dict(), "classes": list(self.classes),
+                "teachers": list(self.teachers), "metrics": dict(self.metrics), "config": dict(self.config),
+                "label_map": self.label_map, "pruning": self.pruning}
+
+    @classmethod
+    def from_dict(cls, blob: dict) -> StudentFile:
+        return cls(StudentConfig.from_dict(blob["student"]), list(blob["classes"]), list(blob.get("teachers") or []),
+                   dict(blob.get("metrics") or {}), dict(blob.get("config") or {}), blob.get("label_map"),
+                   blob.get("pruning"))
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
@@ -49,19 +84,21 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
         raise
 
 
-def save_student(path, model: torch.nn.Module, meta: dict) -> None:
-    """Write ``model.pt``; ``meta`` holds the keys of the layout above except state_dict."""
+def save_student(path, model: torch.nn.Module, meta: StudentFile | dict) -> None:
+    """Write ``model.pt``: the weights and ``meta`` (a :class:`StudentFile`, or the dict of the
+    layout above without state_dict)."""
     module = getattr(model, "module", model)  # unwrap DDP / compiled wrappers
     module = getattr(module, "_orig_mod", module)
     state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-    atomic_save({"format": FORMAT, **meta, "state_dict": state}, path)
+    blob = meta.to_dict() if isinstance(meta, StudentFile) else {"format": FORMAT, **meta}
+    atomic_save({**blob, "state_dict": state}, path)
 
 
 def read_student(path: str | os.PathLike) -> dict:
     """The raw contents of a ``model.pt`` (or of the ``model.pt`` inside a run folder)."""
     path = Path(path)
     if path.is_dir():
-        path = path / "model.pt"
+        path = path / MODEL_FILE
     if not path.exists():
         raise DistillError(f"no student at {path}: pass the run folder written by `distill train`")
     try:
@@ -81,3 +118,13 @@ def load_student(path: str | os.PathLike) -> tuple[torch.nn.Module, dict]:
                            image_size=s["image_size"])
     model.load_state_dict(blob.pop("state_dict"))
     return model.eval(), blob
+
+
+def open_student(path: str | os.PathLike) -> tuple[torch.nn.Module, StudentFile]:
+    """(model in eval mode on CPU, its :class:`StudentFile`) from a run folder or ``model.pt``."""
+    blob = read_student(path)
+    meta = StudentFile.from_dict(blob)
+    s = meta.student
+    model = create_student(s.name, num_classes=s.num_classes, width=s.width, image_size=s.image_size)
+    model.load_state_dict(blob["state_dict"])
+    return model.eval(), meta

@@ -26,7 +26,6 @@ import math
 import os
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -50,10 +49,10 @@ from students import StudentConfig, create_student  # noqa: E402
 from .checkpoint import atomic_save, save_student  # noqa: E402
 from .distributed import Ranks, all_sum, join_processes, on_main  # noqa: E402
 from ..errors import DistillError  # noqa: E402
-from ..data.images import Skip, load, scan  # noqa: E402
+from ..data.images import scan_images as scan_images_in  # noqa: E402
 from .losses import LOSSES, distill_loss  # noqa: E402
 from ..data.pixels import PixelBatches, augment, augment_params, crop_padding, load_pixels, to_input  # noqa: E402,F401
-from ..teachers.spec import canonical_spec, stored_teacher  # noqa: E402
+from ..teachers.spec import DEFAULT_LOCAL, normalise_teacher, parse_teacher, stored_teacher  # noqa: E402,F401
 from ..data.targets import (LabelMap, build_targets, default_classes, ensemble, hard_labels,  # noqa: E402
                       load_label_map, one_hot, teacher_argmax, with_other)
 
@@ -78,7 +77,7 @@ class TrainConfig:
 
     images: str
     db: str | None = None  # default: $DISTILL_DB or ./distill.db
-    teachers: list[str] = field(default_factory=lambda: ["local:efficientnet_lite0"])  # SPEC[@WEIGHT]
+    teachers: list[str] = field(default_factory=lambda: [DEFAULT_LOCAL])  # SPEC[@WEIGHT]
     label_map: str | None = None
     other: bool = False
     max_classes: int | None = None
@@ -130,31 +129,6 @@ def check_config(cfg: TrainConfig) -> None:
             raise DistillError(message)
 
 
-def parse_teacher(text: str) -> tuple[str, float]:
-    """``"SPEC"`` or ``"SPEC@WEIGHT"`` -> (stored spec, weight); ``local`` is ``local:efficientnet_lite0``.
-
-    Unlike ``teachers.resolve.parse_weighted``, an ``@`` followed by something that is not a
-    number is part of the spec (``torchscript:/models@v2/m.pt``), not a bad weight.
-    """
-    text = text.strip()
-    spec, at, weight = text.rpartition("@")
-    try:
-        w = float(weight) if at else None
-    except ValueError:  # an "@" that is part of the spec (a path), not a weight
-        w = None
-    if w is None:
-        spec, w = text, 1.0
-    if not (w > 0 and math.isfinite(w)):
-        raise DistillError(f"teacher weight must be a positive number, got {text!r}")
-    if not spec:
-        raise DistillError(f"empty teacher spec in {text!r}")
-    return canonical_spec(spec), w
-
-
-def teacher_label(spec: str, weight: float) -> str:
-    return spec if weight == 1.0 else f"{spec}@{weight:g}"
-
-
 # -- data: images, answers, targets, split -----------------------------------------------------
 
 
@@ -175,29 +149,13 @@ class TrainData:
 
 def scan_images(root: str, progress: Progress | None) -> tuple[dict[str, tuple[str, str | None]], int]:
     """(sha256 -> (path, folder label), files skipped); the same content twice is one image."""
-    if not Path(root).is_dir():
-        raise DistillError(f"--images {root} is not a folder")
-    files, skips = scan(root)
-    found: dict[str, tuple[str, str | None]] = {}
-    skipped = len(skips)
-    # Threads: reading and hashing release the GIL; decoding (the check) partly does.
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for i, item in enumerate(pool.map(_hash_one, files)):
-            if isinstance(item, Skip):
-                skipped += 1
-                log.debug("skipped %s: %s", item.path, item.reason)
-            else:
-                found.setdefault(item[0], item[1:])
-            if progress:
-                progress(0, i + 1, len(files), {"phase": "images"})
+    report = progress and (lambda done, total: progress(0, done, total, {"phase": "images"}))
+    scanned = scan_images_in(root, report)
+    found = {i.sha256: (i.path, i.label) for i in scanned.distinct()}
+    skipped = sum(scanned.skipped.values())
     if not found:
         raise DistillError(f"no usable images under {root} ({skipped} files skipped): check --images")
     return found, skipped
-
-
-def _hash_one(file):
-    loaded = load(file)
-    return loaded if isinstance(loaded, Skip) else (loaded.sha256, loaded.path, loaded.label)
 
 
 def read_answers(cfg: TrainConfig, shas: list[str]) -> list[tuple[str, float, str, dict]]:
@@ -617,7 +575,7 @@ def student_meta(run: Run, metrics: dict) -> dict:
     cfg = run.cfg
     student = StudentConfig(cfg.student, len(run.data.classes), cfg.width, cfg.image_size)
     return {"student": student.to_dict(), "classes": list(run.data.classes),
-            "teachers": [teacher_label(*parse_teacher(t)) for t in cfg.teachers], "metrics": dict(metrics),
+            "teachers": [normalise_teacher(t) for t in cfg.teachers], "metrics": dict(metrics),
             "config": asdict(cfg), "label_map": run.data.label_map.to_dict() if run.data.label_map else None}
 
 
@@ -667,7 +625,7 @@ def summarize(run: Run, out: Path, seconds: float) -> dict:
             "val_loss": best.get("val_loss"),
             "images": {"train": int((~data.is_val).sum()), "val": int(data.is_val.sum())},
             **data.counts, "classes": len(data.classes),
-            "teachers": [teacher_label(*parse_teacher(t)) for t in run.cfg.teachers],
+            "teachers": [normalise_teacher(t) for t in run.cfg.teachers],
             "seconds": round(seconds, 2), "images_per_s": round(float(np.mean(throughput)), 1) if throughput else None}
 
 
@@ -722,7 +680,7 @@ def _setup(cfg: TrainConfig, progress: Progress | None) -> tuple[TrainConfig, Pa
     """Rank 0's part: the run folder, the resolved configuration, the data."""
     out = resolve_out(cfg)
     # A copy: the caller's object is left as it was given.
-    cfg = replace(cfg, out=str(out), teachers=[teacher_label(*parse_teacher(t)) for t in cfg.teachers])
+    cfg = replace(cfg, out=str(out), teachers=[normalise_teacher(t) for t in cfg.teachers])
     if cfg.resume:
         cfg = resumed_config(cfg, load_checkpoint(out / CHECKPOINT), out)
     data = prepare_data(cfg, progress)
