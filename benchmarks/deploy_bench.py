@@ -37,9 +37,9 @@ from cache import open_store
 from distill_app.training.checkpoint import load_student
 from distill_app.deploy.evaluate import teacher_targets
 from distill_app.teachers.spec import first_teacher
-from distill_app.deploy.export import (Candidate, deployment_metadata, folder_images, interleaved_latency,
-                                load_torchscript, onnx_candidate, predict_all, quantize_onnx, quantize_torch,
-                                save_torchscript, torch_candidate, torch_threads, write_fp32)
+from distill_app.deploy.export import (deployment_metadata, folder_images, load_torchscript, predict_all,
+                                       quantize_onnx, quantize_torch, save_torchscript, write_fp32)
+from distill_app.deploy.measure import Candidate, interleaved_latency, onnx_candidate, torch_candidate, torch_threads
 from distill_app.deploy.prune import PruneConfig, prune_student
 
 DATA = "/work/shared/data/imagenette-dev"

@@ -166,7 +166,8 @@ def eval_cmd(
 
     Example: distill eval --student runs/mobilenetv2-1 --images photos/val --report report/
     """
-    from .deploy.evaluate import evaluate, write_report
+    from .deploy.evaluate import evaluate
+    from .deploy.report import write_report
 
     result = evaluate(str(student), str(images), db_path=db or default_db_path(), teacher_spec=teacher)
     if report:
@@ -177,7 +178,7 @@ def eval_cmd(
 
 
 def _print_eval(r: dict) -> None:
-    from .deploy.evaluate import headline_rows
+    from .deploy.report import headline_rows
 
     for name, value in headline_rows(r):
         err.print(f"{name:<40} {value}", markup=False)

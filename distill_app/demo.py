@@ -79,7 +79,8 @@ def run_demo(workdir: Path, epochs: int = 30, log: Callable[[str], None] = print
     """harvest -> train -> eval in ``workdir``; returns the three summaries."""
     import torch
 
-    from .deploy.evaluate import evaluate, write_report
+    from .deploy.evaluate import evaluate
+    from .deploy.report import write_report
     from .harvest.engine import HarvestConfig, harvest
     from .training.trainer import TrainConfig, train
 

@@ -15,7 +15,8 @@ from PIL import Image
 from cache import ImageRow, Response, open_store
 from distill_app.training.checkpoint import load_student, save_student
 from distill_app.errors import DistillError
-from distill_app.deploy.evaluate import LatencyOptions, calibration, evaluate, fidelity, write_report
+from distill_app.deploy.evaluate import LatencyOptions, calibration, evaluate, fidelity
+from distill_app.deploy.report import write_report
 from distill_app.data.pixels import load_pixels
 from students import STUDENT_MEAN, STUDENT_STD, count_params, create_student
 

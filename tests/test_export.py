@@ -15,7 +15,8 @@ from conftest import store_folder_answers
 from distill_app.training.checkpoint import load_student, save_student
 from distill_app.cli import app
 from distill_app.errors import DistillError
-from distill_app.deploy.export import ExportConfig, export_student, load_torchscript, normalise, onnx_session
+from distill_app.deploy.export import ExportConfig, export_student, load_torchscript, normalise
+from distill_app.deploy.measure import onnx_session
 from distill_app.data.pixels import load_pixels
 from students import STUDENT_MEAN, STUDENT_STD, create_student
 

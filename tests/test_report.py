@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from conftest import store_folder_answers
 from distill_app.training.checkpoint import save_student
 from distill_app.cli import app
-from distill_app.deploy.evaluate import LatencyOptions, evaluate, training_history, write_report
+from distill_app.deploy.evaluate import LatencyOptions, evaluate
+from distill_app.deploy.report import training_history, write_report
 from students import STUDENT_MEAN, STUDENT_STD, create_student
 
 CLASSES = ["cat", "coffee"]

@@ -3,9 +3,8 @@ TorchScript, optionally int8 by post-training static quantization calibrated on 
 
 Every exported file carries what a deployment needs besides the weights: the class names and
 the preprocessing (ONNX ``metadata_props``; TorchScript ``config.json`` in ``_extra_files``).
-Also here: :class:`Candidate`, a model that is ready to run, and the side-by-side measurements
-(accuracy, agreement, latency measured interleaved) that int8, pruning and the deployment
-benchmark report.
+The side-by-side comparison of fp32 and int8 (accuracy, agreement, latency measured
+interleaved by :mod:`.measure`) is here too.
 """
 
 from __future__ import annotations
@@ -13,14 +12,10 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import statistics
 import tempfile
-import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -29,6 +24,7 @@ import students.pruned  # noqa: F401  (registers mobilenetv2_pruned, so pruned r
 from cache import default_db_path, open_store
 
 from ..training.checkpoint import load_student
+from .measure import Candidate, interleaved_latency, onnx_candidate, torch_candidate, torch_threads
 from ..errors import DistillError
 from .evaluate import collect_images, truth_indices
 from ..data.pixels import load_pixels
@@ -69,87 +65,6 @@ def check_config(cfg: ExportConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise DistillError(message)
-
-
-# -- models ready to run, measured side by side ---------------------------------------------------
-
-
-@dataclass
-class Candidate:
-    """A runnable model: ``predict`` maps (B, 3, S, S) float32 normalised input to (B, C) logits."""
-
-    name: str
-    predict: Callable[[np.ndarray], np.ndarray]
-    image_size: int
-    file_bytes: int | None = None
-    path: Path | None = None  # the file it was loaded from, if any
-
-
-def torch_candidate(name: str, module, image_size: int, file_bytes: int | None = None) -> Candidate:
-    """An ``nn.Module`` or ScriptModule, run under ``inference_mode`` on the CPU."""
-    module.eval()
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return module(torch.from_numpy(x)).float().numpy()
-
-    return Candidate(name, predict, image_size, file_bytes)
-
-
-def onnx_candidate(name: str, path: str | Path, image_size: int, threads: int) -> Candidate:
-    """An ONNX file run by onnxruntime's CPU provider with ``threads`` intra-op threads."""
-    session = onnx_session(path, threads)
-    input_name = session.get_inputs()[0].name
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        return session.run(None, {input_name: x})[0]
-
-    return Candidate(name, predict, image_size, Path(path).stat().st_size, Path(path))
-
-
-def onnx_session(path: str | Path, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # warnings about hardware-specific fusions are noise here
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """PyTorch intra-op threads set to ``n`` for the block (onnxruntime gets it per session)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def interleaved_latency(candidates: list[Candidate], batches=(1, 32), runs: int = 10,
-                        warmup: int = 2) -> dict[str, dict]:
-    """name -> {"ms_batch<B>": median ms per forward pass} on random input, CPU.
-
-    Each round times every candidate once, in turn, so load from other processes (a shared
-    machine) slows all of them alike and the ratios stay meaningful.
-    """
-    rng = np.random.default_rng(0)
-    out: dict[str, dict] = {c.name: {} for c in candidates}
-    for batch in batches:
-        inputs = {c.name: rng.standard_normal((batch, 3, c.image_size, c.image_size), dtype=np.float32)
-                  for c in candidates}
-        times: dict[str, list[float]] = {c.name: [] for c in candidates}
-        for round_ in range(warmup + runs):
-            for c in candidates:
-                start = time.perf_counter()
-                c.predict(inputs[c.name])
-                if round_ >= warmup:
-                    times[c.name].append((time.perf_counter() - start) * 1000.0)
-        for c in candidates:
-            out[c.name][f"ms_batch{batch}"] = round(statistics.median(times[c.name]), 3)
-    return out
 
 
 def predict_all(candidate: Candidate, x: np.ndarray, batch_size: int = 32) -> np.ndarray:

@@ -35,7 +35,7 @@ from students.pruned import (PRUNED_NAME, expanded_blocks, hidden_channels, keep
 from ..training.checkpoint import load_student, save_student
 from ..device import resolve_device
 from ..errors import DistillError
-from .export import interleaved_latency, torch_candidate
+from .measure import interleaved_latency, torch_candidate
 from ..training.losses import distill_loss
 from ..data.pixels import load_pixels
 from ..data.targets import OTHER, one_hot

@@ -597,26 +597,6 @@ def end_epoch(run: Run, metrics: dict, out: Path) -> None:
         f.write(json.dumps(metrics) + "\n")
 
 
-def plot_curves(history: list[dict], path: Path) -> None:
-    """Loss (train, val) and accuracy (val vs hard labels, agreement with teacher) per epoch."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend, no display needed
-
-    epochs = [m["epoch"] for m in history]
-    fig = Figure(figsize=(10, 4))
-    loss_ax, acc_ax = fig.subplots(1, 2)
-    loss_ax.plot(epochs, [m["train_loss"] for m in history], "o-", label="train")
-    loss_ax.plot(epochs, [m["val_loss"] for m in history], "o-", label="validation")
-    loss_ax.set(xlabel="epoch", ylabel="loss", title="Loss")
-    acc_ax.plot(epochs, [m["val_accuracy"] for m in history], "o-", label="accuracy (hard labels)")
-    acc_ax.plot(epochs, [m["val_agreement"] for m in history], "o-", label="agreement with teacher")
-    acc_ax.set(xlabel="epoch", ylabel="fraction", title="Validation", ylim=(0, 1.02))
-    for ax in (loss_ax, acc_ax):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
 def summarize(run: Run, out: Path, seconds: float) -> dict:
     data, best, hist = run.data, run.best, run.history
     throughput = [m["images_per_s"] for m in hist]
@@ -718,5 +698,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, progress: Progress | None, started: f
         if progress:
             progress(epoch, run.steps_per_epoch, run.steps_per_epoch, {"phase": "epoch", **metrics})
     if ranks.main and run.history:
+        from ..deploy.report import plot_curves  # matplotlib: imported only when needed
+
         plot_curves(run.history, out / CURVES)
     return summarize(run, out, time.perf_counter() - started)
