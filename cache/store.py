@@ -282,6 +282,19 @@ class Store:
             "teachers": per_teacher,
         }
 
+    def export_rows(self, teacher_spec: str | None = None) -> Iterator[dict]:
+        """Every stored answer (sha256, path, label, teacher, status, http_status, error, scores),
+        ordered by image, optionally of one teacher only: ``distill cache export``."""
+        sql = ("SELECT r.image, i.path, i.label, t.spec, r.status, r.http_status, r.error, r.scores"
+               " FROM responses r JOIN images i ON i.sha256 = r.image JOIN teachers t ON t.id = r.teacher")
+        params: list = []
+        if teacher_spec:
+            sql += " WHERE t.spec = ?"
+            params.append(teacher_spec)
+        keys = ("sha256", "path", "label", "teacher", "status", "http_status", "error")
+        for row in self.db.execute(sql + " ORDER BY r.image", params):
+            yield {**dict(zip(keys, row[:7])), "scores": json.loads(row[7]) if row[7] else None}
+
     # -- helpers ------------------------------------------------------------------------------
 
     def _select_in(self, sql: str, column: str, values: Iterable[str] | None, params=()):
@@ -309,6 +322,13 @@ def _explain(e: sqlite3.Error, path: str) -> str:
     return f"database {path}: {msg}"
 
 
-def open_store(path: str | None = None, timeout: float = 30.0) -> Store:
-    """Open (creating and migrating) the store at ``path`` or ``$DISTILL_DB`` or ./distill.db."""
-    return Store(path or default_db_path(), timeout=timeout)
+def open_store(path: str | None = None, timeout: float = 30.0, create: bool = True) -> Store:
+    """Open (creating and migrating) the store at ``path`` or ``$DISTILL_DB`` or ./distill.db.
+
+    ``create=False`` is for commands that only read: a missing file is a StoreError (a typo in
+    ``--db`` must not leave an empty database behind).
+    """
+    path = path or default_db_path()
+    if not create and not os.path.exists(path):
+        raise StoreError(f"no database at {path}: run `distill harvest` first, or pass --db (or set DISTILL_DB)")
+    return Store(path, timeout=timeout)

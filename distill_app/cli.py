@@ -13,6 +13,7 @@ import typer
 from cache import default_db_path, open_store
 
 from .console import emit_json, err, progress, user_errors
+from .teachers.serve import TOKEN_ENV_VAR
 
 app = typer.Typer(
     help="Distil a paid image-classification API (or any big model) into a small local student.",
@@ -196,7 +197,7 @@ def cache_stats(
 
     Example: distill cache stats --db distill.db
     """
-    store = open_store(db)
+    store = open_store(db, create=False)
     stats = store.stats()
     store.close()
     err.print(f"{stats['db']}: {stats['images']} images ({stats['labelled_images']} in class folders)",
@@ -224,7 +225,7 @@ def cache_labels(
     """
     from .teachers.spec import stored_teacher
 
-    store = open_store(db)
+    store = open_store(db, create=False)
     try:
         answers = store.answers(stored_teacher(store, teacher)["id"])
     finally:
@@ -279,19 +280,10 @@ def cache_export(
 
     Example: distill cache export > answers.jsonl
     """
-    store = open_store(db)
+    store = open_store(db, create=False)
     try:
-        sql = ("SELECT r.image, i.path, i.label, t.spec, r.status, r.http_status, r.error, r.scores"
-               " FROM responses r JOIN images i ON i.sha256 = r.image JOIN teachers t ON t.id = r.teacher")
-        params: list = []
-        if teacher:
-            sql += " WHERE t.spec = ?"
-            params.append(teacher)
-        for row in store.db.execute(sql + " ORDER BY r.image", params):
-            keys = ("sha256", "path", "label", "teacher", "status", "http_status", "error")
-            obj = dict(zip(keys, row[:7]))
-            obj["scores"] = json.loads(row[7]) if row[7] else None
-            sys.stdout.write(json.dumps(obj) + "\n")
+        for row in store.export_rows(teacher):
+            sys.stdout.write(json.dumps(row) + "\n")
     finally:
         store.close()
 
@@ -321,7 +313,7 @@ def serve_teacher(
     wire_format: Optional[str] = typer.Option(None, "--format", help="Serve only this wire format: hf or google (default: both)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
     port: int = typer.Option(8000, min=0, max=65535, help="Port to listen on (0: any free port)."),
-    token: Optional[str] = typer.Option(None, envvar="DISTILL_TEACHER_TOKEN", show_default=False,
+    token: Optional[str] = typer.Option(None, envvar=TOKEN_ENV_VAR, show_default=False,
                                         help="Require this key: hf 'Bearer TOKEN', google '?key=TOKEN'."),
     rate: Optional[float] = typer.Option(None, min=0.001, help="Requests per second; more get 429 with Retry-After."),
     latency_ms: float = typer.Option(0.0, min=0.0, help="Milliseconds added to every request."),

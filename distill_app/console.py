@@ -22,13 +22,18 @@ from .errors import DistillError
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
-# Environment variables whose values must never be printed (keys of the remote providers).
-SECRET_ENV_VARS = ("HF_TOKEN", "GOOGLE_API_KEY", "AZURE_VISION_KEY", "DISTILL_TEACHER_TOKEN")
+def secret_env_vars() -> list[str]:
+    """Environment variables whose values must never be printed: every provider's key, and the
+    token of serve-teacher."""
+    from .teachers import key_env_vars
+    from .teachers.serve import TOKEN_ENV_VAR
+
+    return sorted(key_env_vars() | {TOKEN_ENV_VAR})
 
 
 def redact(text: str) -> str:
     """``text`` with the value of every secret environment variable replaced by ``***``."""
-    for name in SECRET_ENV_VARS:
+    for name in secret_env_vars():
         value = os.environ.get(name, "").strip()
         if len(value) >= 4:
             text = text.replace(value, "***")

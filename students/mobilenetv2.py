@@ -8,11 +8,11 @@ width validation (in the registry), ImageNet weights for the widths that have th
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
-from .registry import _first_line, load_init, register_student
+from .registry import load_init, register_student
+from .weights import copy_by_position, first_line
 
 # Widths with published ImageNet weights. timm's mobilenetv2_XXX has exactly torchvision's
 # tensor layout (same order and shapes), so its weights are copied in by position.
@@ -57,23 +57,8 @@ def _imagenet_mobilenetv2(width: float) -> nn.Module:
     except Exception as exc:  # URLError, HF hub errors, ... all mean "could not download"
         raise ValueError(
             f"cannot download ImageNet weights for mobilenetv2 width {width} "
-            f"({_first_line(exc)}); no network: pass init=PATH"
+            f"({first_line(exc)}); no network: pass init=PATH"
         ) from exc
     model = mobilenet_v2(width_mult=width)
-    _copy_by_position(source.state_dict(), model)
+    copy_by_position(source.state_dict(), model, TIMM_WEIGHTS[width])
     return model
-
-
-def _copy_by_position(state: dict[str, torch.Tensor], model: nn.Module) -> None:
-    """Copy tensors in order into ``model``, checking every shape (key names differ)."""
-    target = model.state_dict()
-    if len(state) != len(target):
-        raise ValueError(f"weights have {len(state)} tensors, mobilenetv2 needs {len(target)}")
-    for (key, want), tensor in zip(target.items(), state.values()):
-        if want.shape != tensor.shape:
-            raise ValueError(
-                f"weights do not fit mobilenetv2 at {key}: "
-                f"got {tuple(tensor.shape)}, need {tuple(want.shape)}"
-            )
-        target[key] = tensor
-    model.load_state_dict(target)

@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
-import torch
 from torch import nn
+
+from .weights import first_line, read_state_dict
 
 # Students are always fed ImageNet-normalised input: torchvision and timm ImageNet weights expect
 # it, and one constant keeps training, eval and export from disagreeing.
@@ -81,7 +82,7 @@ def create_student(
         if not pretrained:
             raise
         raise ValueError(
-            f"cannot download ImageNet weights for {name} ({_first_line(exc)}); "
+            f"cannot download ImageNet weights for {name} ({first_line(exc)}); "
             "no network: pass init=PATH"
         ) from exc
     if init:
@@ -131,7 +132,7 @@ class StudentConfig:
 def load_init(model: nn.Module, path: str) -> None:
     """Load a state dict from ``path`` into ``model``, skipping classifier tensors whose shape
     differs (ImageNet head -> our classes). Any other mismatch is a ValueError."""
-    state = _read_state_dict(path)
+    state = read_state_dict(path, "init")
     head = _classifier_prefix(model)
     own = model.state_dict()
     differ = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
@@ -151,20 +152,6 @@ def load_init(model: nn.Module, path: str) -> None:
             f"init={path} does not fit this model: "
             f"missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-
-
-def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"cannot read init={path}: {_first_line(exc)}") from exc
-    for key in ("state_dict", "model"):
-        if isinstance(data, dict) and isinstance(data.get(key), dict):
-            data = data[key]
-            break
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise ValueError(f"init={path} is not a state dict (tensors by name)")
-    return {k.removeprefix("module."): v for k, v in data.items()}
 
 
 def _classifier_prefix(model: nn.Module) -> str:
@@ -189,11 +176,6 @@ def _validate(num_classes: int, width: float, image_size: int) -> None:
     if not IMAGE_SIZE_RANGE[0] <= image_size <= IMAGE_SIZE_RANGE[1]:
         low, high = IMAGE_SIZE_RANGE
         raise ValueError(f"image size must be between {low} and {high} pixels, got {image_size}")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:160] if text else type(exc).__name__
 
 
 def _load_builtins() -> None:

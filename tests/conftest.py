@@ -118,3 +118,71 @@ class QuietHandler(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+
+@pytest.fixture
+def teacher_spec(tmp_path) -> str:
+    """A real local teacher (:class:`TinyTeacher`, scripted) as a ``torchscript:PATH`` spec."""
+    return f"torchscript:{save_tiny_teacher(tmp_path / 'tiny-teacher.pt')}"
+
+
+SERVER_TOKEN = "test-token-5e1f0c"
+
+
+@pytest.fixture
+def start_server(teacher_spec):
+    """start(**ServeOptions fields) -> a running serve-teacher of the tiny teacher on 127.0.0.1:<free
+    port>, with ``SERVER_TOKEN`` unless the test says otherwise; all stopped after the test."""
+    from distill_app.teachers.serve import ServeOptions, serve, stop
+
+    servers = []
+
+    def start(**kwargs):
+        kwargs.setdefault("token", SERVER_TOKEN)
+        server, _ = serve(ServeOptions(teacher=teacher_spec, port=0, device="cpu", **kwargs))
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        stop(server)
+
+
+def decisive_student(num_classes: int = 2, size: int = 32, batches: int = 3, head_std: float | None = 0.05):
+    """A random MobileNetV2 x0.35 whose predictions differ between images, without training.
+
+    Straight from torchvision's init its logits are ~1e-9 (all classes tied, so the argmax is
+    float noise and could differ between batch sizes); batch-norm statistics from a few random
+    batches (and a larger classifier, unless ``head_std`` is None) make the outputs O(1).
+    """
+    from students import create_student
+
+    torch.manual_seed(0)
+    model = create_student("mobilenetv2", num_classes, width=0.35, image_size=size)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # cumulative average over the batches below
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.rand(16, 3, size, size) * 4 - 2)
+    if head_std is not None:
+        torch.nn.init.normal_(model.classifier[-1].weight, 0, head_std)
+    return model.eval()
+
+
+def save_test_student(path: Path, model: nn.Module, classes, teachers=("local:efficientnet_lite0",),
+                      size: int = 32, width: float = 0.35, **fields) -> Path:
+    """Write ``model`` as a distill ``model.pt`` at ``path`` (a run folder's file), as a run of
+    MobileNetV2 x``width`` at ``size`` px trained on ``teachers`` would; ``fields`` add or replace
+    StudentFile fields (config, label_map, metrics, ...)."""
+    from distill_app.training.checkpoint import StudentFile, save_student
+    from students import StudentConfig
+
+    meta = StudentFile(StudentConfig("mobilenetv2", len(classes), width, size), list(classes), list(teachers),
+                       config={"label_map": None})
+    for key, value in fields.items():
+        setattr(meta, key, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_student(path, model, meta)
+    return path

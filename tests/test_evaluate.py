@@ -13,12 +13,13 @@ import torch
 from PIL import Image
 
 from cache import ImageRow, Response, open_store
+from conftest import decisive_student, save_test_student
 from distill_app.training.checkpoint import load_student, save_student
 from distill_app.errors import DistillError
 from distill_app.deploy.evaluate import LatencyOptions, calibration, evaluate, fidelity
 from distill_app.deploy.report import write_report
 from distill_app.data.pixels import load_pixels
-from students import STUDENT_MEAN, STUDENT_STD, count_params, create_student
+from students import count_params
 
 CLASSES = ["car", "cat", "dog"]
 TEACHER = "local:efficientnet_lite0"
@@ -28,7 +29,7 @@ PER_CLASS = 4
 @pytest.fixture(scope="module")
 def student() -> torch.nn.Module:
     """Built once per module (it is only read); each test saves its own copy."""
-    return _decisive_student()
+    return decisive_student(len(CLASSES))
 
 
 @pytest.fixture
@@ -60,38 +61,9 @@ def workspace(tmp_path, monkeypatch, student):
         store.record(teacher, [Response(sha, [(c, float(p)) for c, p in zip(CLASSES, probs)])])
     store.close()
 
-    meta = {
-        "student": {"name": "mobilenetv2", "num_classes": len(CLASSES), "width": 0.35,
-                    "image_size": 32, "mean": list(STUDENT_MEAN), "std": list(STUDENT_STD)},
-        "classes": CLASSES,
-        "teachers": [TEACHER],
-        "metrics": {},
-        "config": {"label_map": None},
-    }
     run = tmp_path / "run"
-    run.mkdir()
-    save_student(run / "model.pt", student, meta)
+    save_test_student(run / "model.pt", student, CLASSES, [TEACHER])
     return {"images": images, "db": db, "run": run, "files": files, "scores": scores}
-
-
-def _decisive_student() -> torch.nn.Module:
-    """A random MobileNetV2 whose predictions differ between images, without training.
-
-    Straight from torchvision's init its logits are ~1e-9 (all classes tied, so the argmax is
-    float noise and could differ between batch sizes); batch-norm statistics from a few random
-    batches and a larger classifier make the outputs O(1).
-    """
-    torch.manual_seed(0)
-    model = create_student("mobilenetv2", len(CLASSES), width=0.35, image_size=32)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None  # cumulative average over the batches below
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.rand(16, 3, 32, 32) * 4 - 2)
-    torch.nn.init.normal_(model.classifier[-1].weight, 0, 0.05)
-    return model.eval()
 
 
 def _manual_predictions(ws) -> dict[str, int]:

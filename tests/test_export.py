@@ -11,43 +11,25 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import store_folder_answers
-from distill_app.training.checkpoint import load_student, save_student
+from conftest import decisive_student, save_test_student, store_folder_answers
+from distill_app.training.checkpoint import load_student
 from distill_app.cli import app
 from distill_app.errors import DistillError
 from distill_app.deploy.export import ExportConfig, export_student, load_torchscript, normalise
 from distill_app.deploy.measure import onnx_session
 from distill_app.data.pixels import load_pixels
-from students import STUDENT_MEAN, STUDENT_STD, create_student
+from students import STUDENT_MEAN, STUDENT_STD
 
 CLASSES = ["cat", "coffee"]
 TEACHER = "local:efficientnet_lite0"
 SIZE = 32
 
 
-def decisive_student() -> torch.nn.Module:
-    """A random MobileNetV2 with O(1) logits: BN statistics from random batches, a larger head."""
-    torch.manual_seed(0)
-    model = create_student("mobilenetv2", len(CLASSES), width=0.35, image_size=SIZE)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.rand(16, 3, SIZE, SIZE) * 4 - 2)
-    torch.nn.init.normal_(model.classifier[-1].weight, 0, 0.05)
-    return model.eval()
-
-
 @pytest.fixture
 def run(tmp_path) -> Path:
     out = tmp_path / "run"
     out.mkdir()
-    meta = {"student": {"name": "mobilenetv2", "num_classes": len(CLASSES), "width": 0.35, "image_size": SIZE,
-                        "mean": list(STUDENT_MEAN), "std": list(STUDENT_STD)},
-            "classes": CLASSES, "teachers": [TEACHER], "metrics": {}, "config": {"label_map": None}}
-    save_student(out / "model.pt", decisive_student(), meta)
+    save_test_student(out / "model.pt", decisive_student(len(CLASSES), SIZE), CLASSES, [TEACHER], SIZE)
     return out
 
 

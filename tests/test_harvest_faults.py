@@ -11,34 +11,17 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cache import open_store
-from conftest import save_tiny_teacher, write_photos
+from conftest import SERVER_TOKEN, write_photos
 from distill_app.cli import app
 from distill_app.harvest.engine import HarvestConfig, harvest
-from distill_app.teachers.serve import ServeOptions, endpoints, serve, server_url, stop
+from distill_app.teachers.serve import endpoints, server_url
 from distill_app.teachers import TeacherOptions, TransientError, create_teacher
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit: deprecated, supported
 
-TOKEN = "server-token-31d9"
+TOKEN = SERVER_TOKEN
 
 
-
-
-@pytest.fixture
-def start_server(tmp_path):
-    path = tmp_path / "tiny-teacher.pt"
-    save_tiny_teacher(path)
-    servers = []
-
-    def start(**kwargs):
-        kwargs.setdefault("token", TOKEN)
-        server, _ = serve(ServeOptions(teacher=f"torchscript:{path}", port=0, device="cpu", **kwargs))
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        stop(server)
 
 
 @pytest.fixture

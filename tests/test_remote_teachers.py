@@ -24,10 +24,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from cache import open_store
-from conftest import QuietHandler, save_tiny_teacher, write_photos
+from conftest import SERVER_TOKEN, QuietHandler, write_photos
 from distill_app.errors import DistillError
 from distill_app.harvest.engine import HarvestConfig, harvest
-from distill_app.teachers.serve import ServeOptions, endpoints, serve, server_url, stop
+from distill_app.teachers.serve import endpoints, server_url
 from distill_app.teachers import MULTILABEL, TOPK, AuthError, TeacherOptions, create_teacher
 from distill_app.teachers.remote import (
     check_endpoint,
@@ -41,30 +41,7 @@ from distill_app.teachers.remote import (
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit: deprecated, supported
 
-TOKEN = "test-token-5e1f0c"
-
-
-@pytest.fixture
-def teacher_spec(tmp_path):
-    path = tmp_path / "tiny-teacher.pt"
-    save_tiny_teacher(path)
-    return f"torchscript:{path}"
-
-
-@pytest.fixture
-def start_server(teacher_spec):
-    """start(**ServeOptions fields) -> a running server on 127.0.0.1:<free port>."""
-    servers = []
-
-    def start(**kwargs):
-        kwargs.setdefault("token", TOKEN)
-        server, _ = serve(ServeOptions(teacher=teacher_spec, port=0, device="cpu", **kwargs))
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        stop(server)
+TOKEN = SERVER_TOKEN
 
 
 def stats(server):

@@ -9,12 +9,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import store_folder_answers
-from distill_app.training.checkpoint import save_student
+from conftest import save_test_student, store_folder_answers
 from distill_app.cli import app
 from distill_app.deploy.evaluate import LatencyOptions, evaluate
 from distill_app.deploy.report import training_history, write_report
-from students import STUDENT_MEAN, STUDENT_STD, create_student
+from students import create_student
 
 CLASSES = ["cat", "coffee"]
 TEACHER = "local:efficientnet_lite0"
@@ -29,10 +28,8 @@ def workspace(tmp_path, photos) -> dict:
     run = tmp_path / "run"
     run.mkdir()
     torch.manual_seed(0)
-    meta = {"student": {"name": "mobilenetv2", "num_classes": 2, "width": 0.35, "image_size": SIZE,
-                        "mean": list(STUDENT_MEAN), "std": list(STUDENT_STD)},
-            "classes": CLASSES, "teachers": [TEACHER], "metrics": {}, "config": {"label_map": None}}
-    save_student(run / "model.pt", create_student("mobilenetv2", 2, width=0.35, image_size=SIZE).eval(), meta)
+    save_test_student(run / "model.pt", create_student("mobilenetv2", 2, width=0.35, image_size=SIZE).eval(),
+                      CLASSES, [TEACHER], SIZE)
     lines = [{"epoch": e, "train_loss": 0.3 / e, "val_loss": 0.35 / e, "val_accuracy": 0.5 + 0.1 * e,
               "val_agreement": 0.55 + 0.1 * e, "lr": 1e-3} for e in (1, 2, 3)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"epoch": 4, "tra')

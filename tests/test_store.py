@@ -96,3 +96,17 @@ def test_locked_database_waits_then_clear_error(tmp_path):
     finally:
         blocker.rollback()
         blocker.close()
+
+
+def test_read_only_commands_never_create_a_database(tmp_path):
+    from typer.testing import CliRunner
+
+    from distill_app.cli import app
+
+    typo = tmp_path / "typo.db"
+    with pytest.raises(StoreError, match="no database at"):
+        open_store(str(typo), create=False)
+    for args in (["cache", "stats"], ["cache", "labels"], ["cache", "export"]):
+        res = CliRunner().invoke(app, [*args, "--db", str(typo)])
+        assert res.exit_code == 1 and "no database at" in res.output, (args, res.output)
+    assert not typo.exists()

@@ -237,3 +237,26 @@ def _checked(file: ImageFile) -> ScannedImage | Skip:
     if isinstance(loaded, Skip):
         return loaded
     return ScannedImage(loaded.path, loaded.label, loaded.sha256, loaded.width, loaded.height, len(loaded.data))
+
+
+@dataclass
+class ImageList:
+    """The distinct usable images under a folder, in scan order (what train, eval and export read)."""
+
+    shas: list[str]
+    paths: list[str]
+    labels: list[str | None]  # folder labels (None: file not in a class folder)
+    skipped: dict[str, int]  # reason -> count of files that could not be used
+    duplicates: int  # files whose bytes equal an earlier file's (read once)
+
+
+def list_images(root: str | os.PathLike, progress: Callable[[int, int], None] | None = None,
+                flag: str = "--images") -> ImageList:
+    """:func:`scan_images`, one entry per content hash; a DistillError when none is usable."""
+    found = scan_images(root, progress, flag)
+    distinct = found.distinct()
+    if not distinct:
+        raise DistillError(f"no usable images under {display_path(str(root))} "
+                           f"({sum(found.skipped.values())} files skipped): check {flag}")
+    return ImageList([i.sha256 for i in distinct], [i.path for i in distinct], [i.label for i in distinct],
+                     dict(found.skipped), found.duplicates)

@@ -35,7 +35,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import DistillError
+from ..errors import DistillError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def _parse_toml(text: str) -> dict:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"invalid TOML ({_one_line(e)})") from None
+        raise ValueError(f"invalid TOML ({one_line(e, None)})") from None
 
 
 def _parse_json(text: str) -> dict:
@@ -181,14 +181,10 @@ def _parse_json(text: str) -> dict:
     try:
         data = json.loads(text, object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as e:
-        raise ValueError(f"invalid JSON ({_one_line(e)})") from None
+        raise ValueError(f"invalid JSON ({one_line(e, None)})") from None
     if not isinstance(data, dict):
         raise ValueError(f"expected a JSON object of class -> labels, got {type(data).__name__}")
     return data
-
-
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())
 
 
 # -- class lists -------------------------------------------------------------------------------
@@ -371,26 +367,31 @@ def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return out
 
 
+def folder_classes(folder_labels: Sequence[str | None], classes: Sequence[str]) -> np.ndarray:
+    """(N,) int64: the class index each folder name matches, -1 where none (or no folder).
+
+    A folder name matches a class exactly, else case-insensitively (``Cat/`` is the class
+    ``cat``): training's hard labels and eval's ground truth both come from here.
+    """
+    exact = {c: i for i, c in reversed(list(enumerate(classes)))}
+    folded = {c.casefold(): i for i, c in reversed(list(enumerate(classes)))}
+    return np.array([-1 if name is None else exact.get(name, folded.get(name.casefold(), -1))
+                     for name in folder_labels], dtype=np.int64)
+
+
 def hard_labels(
     targets: np.ndarray,
     classes: Sequence[str],
     folder_labels: Sequence[str | None] | None = None,
 ) -> np.ndarray:
-    """(N,) int64 hard label per row: its folder label when it names a class, else the argmax.
+    """(N,) int64 hard label per row: its folder label when it names a class (:func:`folder_classes`),
+    else the argmax.
 
     classes: the target columns (with ``other`` if present); folder_labels: per row, the class
-    folder the image was found in (None when none). A folder name matches a class exactly,
-    else case-insensitively.
+    folder the image was found in (None when none).
     """
     labels = teacher_argmax(targets)
     if folder_labels is None:
         return labels
-    exact = {c: i for i, c in reversed(list(enumerate(classes)))}
-    folded = {c.casefold(): i for i, c in reversed(list(enumerate(classes)))}
-    for row, name in enumerate(folder_labels):
-        if name is None:
-            continue
-        i = exact.get(name, folded.get(name.casefold()))
-        if i is not None:
-            labels[row] = i
-    return labels
+    matched = folder_classes(folder_labels, classes)
+    return np.where(matched >= 0, matched, labels)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,28 +17,17 @@ import torch
 
 import students.pruned  # noqa: F401  (registers mobilenetv2_pruned: pruned runs evaluate too)
 from cache import default_db_path, open_store
-from students import count_macs, count_params
+from students import StudentConfig, count_macs, count_params
 
-from ..training.checkpoint import load_student
-from .measure import LatencyOptions, measure_ms, student_latency
+from ..training.checkpoint import MODEL_FILE, StudentFile, open_student
+from .measure import LatencyOptions, latency_ms, student_latency
 from ..errors import DistillError
-from ..data.images import scan_images
-from ..data.pixels import load_pixels
-from ..data.targets import OTHER, LabelMap, build_targets, load_label_map
+from ..data.images import ImageList, list_images
+from ..data.pixels import load_pixels, to_input
+from ..data.targets import OTHER, LabelMap, build_targets, folder_classes, load_label_map
 from ..teachers.spec import first_teacher, parse_teacher
 
 ECE_BINS = 15
-
-
-@dataclass
-class EvalImages:
-    """The distinct images found under the images folder, in scan order."""
-
-    shas: list[str]
-    paths: list[str]
-    labels: list[str | None]  # folder labels (None: file not in a class folder)
-    skipped: dict[str, int]  # reason -> count of files that could not be used
-    duplicates: int  # files whose bytes equal an earlier file's (evaluated once)
 
 
 # -- the whole evaluation -------------------------------------------------------------------------
@@ -66,15 +54,15 @@ def evaluate(
     options = latency if isinstance(latency, LatencyOptions) else LatencyOptions()
     if options.batch < 1 or options.runs < 1 or options.warmup < 0:
         raise DistillError(f"latency needs batch >= 1, runs >= 1, warmup >= 0, got {options}")
-    model, meta = load_student(student_dir)
-    classes = list(meta["classes"])
-    size = int(meta["student"]["image_size"])
-    images = collect_images(images_dir)
+    model, meta = open_student(student_dir)
+    classes = list(meta.classes)
+    size = meta.image_size
+    images = list_images(images_dir)
 
     pixels = load_pixels(images.shas, images.paths, size)
-    probs = predict_probs(model, pixels, meta["student"]["mean"], meta["student"]["std"], batch_size)
+    probs = predict_probs(model, pixels, meta.student, batch_size)
     predicted = probs.argmax(axis=1)
-    truth = truth_indices(images.labels, classes)
+    truth = folder_classes(images.labels, classes)
 
     result = {
         "student": str(student_dir),
@@ -104,44 +92,17 @@ def evaluate(
     return result
 
 
-def collect_images(images_dir: str | os.PathLike) -> EvalImages:
-    """Scan and check the images; a file with the bytes of an earlier one is counted once."""
-    if not Path(images_dir).is_dir():
-        raise DistillError(f"no images folder at {images_dir}: pass --images DIR")
-    found = scan_images(images_dir)
-    distinct = found.distinct()
-    if not distinct:
-        raise DistillError(f"no usable images under {images_dir} ({sum(found.skipped.values())} skipped)")
-    return EvalImages([i.sha256 for i in distinct], [i.path for i in distinct], [i.label for i in distinct],
-                      dict(found.skipped), found.duplicates)
-
-
-def predict_probs(model: torch.nn.Module, pixels: np.ndarray, mean, std, batch_size: int) -> np.ndarray:
-    """Softmax probabilities, (N, C) float32, for ``pixels`` (N, S, S, 3) uint8."""
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+def predict_probs(model: torch.nn.Module, pixels: np.ndarray, student: StudentConfig, batch_size: int) -> np.ndarray:
+    """Softmax probabilities, (N, C) float32, for ``pixels`` (N, S, S, 3) uint8, normalised as
+    ``student`` says."""
     out = []
     model.eval()
     with torch.inference_mode():
         for i in range(0, len(pixels), batch_size):
             batch = torch.from_numpy(np.array(pixels[i:i + batch_size]))  # copy: the memmap is read-only
-            x = (batch.permute(0, 3, 1, 2).float() / 255.0 - mean_t) / std_t
+            x = to_input(batch, student.mean, student.std)
             out.append(torch.softmax(model(x).float(), dim=1).numpy())
     return np.concatenate(out).astype(np.float32)
-
-
-def truth_indices(labels: list[str | None], classes: list[str]) -> np.ndarray:
-    """(N,) int64: the class index of each folder label, -1 where it is not a student class.
-
-    A folder name matches a class exactly, else case-insensitively (as targets.hard_labels
-    does in training, so ``Cat/`` is the class ``cat`` in both).
-    """
-    exact = {c: i for i, c in reversed(list(enumerate(classes)))}
-    folded = {c.casefold(): i for i, c in reversed(list(enumerate(classes)))}
-    return np.array(
-        [-1 if lab is None else exact.get(lab, folded.get(lab.casefold(), -1)) for lab in labels],
-        dtype=np.int64,
-    )
 
 
 def _unknown_labels(labels: list[str | None], truth: np.ndarray) -> dict[str, int]:
@@ -201,14 +162,14 @@ def calibration(probs: np.ndarray, truth: np.ndarray, n_bins: int = ECE_BINS) ->
 
 def teacher_metrics(
     probs: np.ndarray,
-    images: EvalImages,
+    images: ImageList,
     truth: np.ndarray,
-    meta: dict,
+    meta: StudentFile,
     db_path: str | os.PathLike | None,
     teacher_spec: str | None,
 ) -> dict:
     """Fidelity to the teacher's stored answers; null fields (and a ``note``) when there are none."""
-    spec = parse_teacher(teacher_spec)[0] if teacher_spec else first_teacher(meta.get("teachers"))
+    spec = parse_teacher(teacher_spec)[0] if teacher_spec else first_teacher(meta.teachers)
     # answered: images with a stored answer; compared: those whose answer maps to a student class.
     out = {"spec": spec, "score_kind": None, "answered": 0, "compared": 0, "agreement": None,
            "mse": None, "kl": None, "accuracy": None, "labelled": 0, "student_accuracy": None, "note": None}
@@ -240,7 +201,7 @@ def teacher_metrics(
 
 
 def teacher_targets(
-    answers: dict, score_kind: str, meta: dict, shas: list[str]
+    answers: dict, score_kind: str, meta: StudentFile, shas: list[str]
 ) -> tuple[np.ndarray, np.ndarray]:
     """(targets (M, C) float32, rows (M,) int64 indices into ``shas``) over the student's classes.
 
@@ -280,39 +241,36 @@ def fidelity(student: np.ndarray, teacher: np.ndarray, truth: np.ndarray) -> dic
             "student_accuracy": _round(student_acc, 4)}
 
 
-def _classes_or_map(meta: dict) -> LabelMap | list[str]:
+def _classes_or_map(meta: StudentFile) -> LabelMap | list[str]:
     """The label map the student was trained with (stored contents, else its file), or its classes."""
-    stored = meta.get("label_map")
-    if stored:
-        return LabelMap.from_dict(stored, origin="label map stored in model.pt")
-    path = (meta.get("config") or {}).get("label_map")
+    if meta.label_map:
+        return LabelMap.from_dict(meta.label_map, origin="label map stored in model.pt")
+    path = meta.config.get("label_map")
     if path and Path(path).is_file():
         return load_label_map(path)
-    return list(meta["classes"])
+    return list(meta.classes)
 
 
-def _trained_with_other(meta: dict) -> bool:
+def _trained_with_other(meta: StudentFile) -> bool:
     """Whether the student has the ``other`` column (``--other``); older files only show it in classes."""
-    config = meta.get("config") or {}
-    if "other" in config:
-        return bool(config["other"])
-    return OTHER in meta["classes"]
+    if "other" in meta.config:
+        return bool(meta.config["other"])
+    return OTHER in meta.classes
 
 
 # -- size and speed -------------------------------------------------------------------------------
 
 
-def model_facts(model: torch.nn.Module, meta: dict, student_dir: str | os.PathLike) -> dict:
+def model_facts(model: torch.nn.Module, meta: StudentFile, student_dir: str | os.PathLike) -> dict:
     """Parameters, multiply-accumulates per image at the student's input size, file size."""
-    s = meta["student"]
+    s = meta.student
     path = Path(student_dir)
     if path.is_dir():
-        path = path / "model.pt"
+        path = path / MODEL_FILE
     return {
-        "name": s["name"], "width": s["width"], "image_size": s["image_size"],
-        "num_classes": s["num_classes"],
+        "name": s.name, "width": s.width, "image_size": s.image_size, "num_classes": s.num_classes,
         "parameters": int(count_params(model)),
-        "macs": int(count_macs(model, s["image_size"])),
+        "macs": int(count_macs(model, s.image_size)),
         "file_bytes": path.stat().st_size,
     }
 
@@ -335,8 +293,7 @@ def teacher_latency(spec: str, options: LatencyOptions, student_ms: float) -> di
             module, input_size = teacher.model, tuple(teacher.data_config["input_size"])
         except DistillError as e:
             return {**out, "note": f"teacher not loaded: {e}"}
-        ms = measure_ms(module, (1, *input_size), options)
-        batched = measure_ms(module, (options.batch, *input_size), options)
+        ms, batched = latency_ms(module, input_size[-1], options)
         size = {"parameters": int(count_params(module)), "macs": int(count_macs(module, input_size[-1]))}
     finally:
         teacher.close()

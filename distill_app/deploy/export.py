@@ -23,11 +23,12 @@ import torch
 import students.pruned  # noqa: F401  (registers mobilenetv2_pruned, so pruned runs export too)
 from cache import default_db_path, open_store
 
-from ..training.checkpoint import load_student
+from ..training.checkpoint import StudentFile, open_student
 from .measure import Candidate, interleaved_latency, onnx_candidate, torch_candidate, torch_threads
 from ..errors import DistillError
-from .evaluate import collect_images, truth_indices
-from ..data.pixels import load_pixels
+from ..data.images import list_images
+from ..data.pixels import load_pixels, to_input
+from ..data.targets import folder_classes
 from ..teachers.spec import first_teacher
 
 FORMATS = ("onnx", "torchscript")
@@ -81,28 +82,27 @@ def score(logits: np.ndarray, truth: np.ndarray, reference: np.ndarray | None) -
 
 
 def normalise(pixels: np.ndarray, mean, std) -> np.ndarray:
-    """(N, S, S, 3) uint8 -> (N, 3, S, S) float32: x / 255, minus mean, over std (per channel)."""
-    x = np.asarray(pixels, dtype=np.float32).transpose(0, 3, 1, 2) / 255.0
-    return np.ascontiguousarray((x - np.asarray(mean, np.float32)[:, None, None])
-                                / np.asarray(std, np.float32)[:, None, None])
+    """(N, S, S, 3) uint8 -> (N, 3, S, S) float32 contiguous: :func:`to_input` as a numpy array."""
+    x = to_input(torch.from_numpy(np.array(pixels)), mean, std)  # a copy: a memmap is read-only
+    return np.ascontiguousarray(x.numpy())
 
 
 # -- what the file says about itself -------------------------------------------------------------
 
 
-def deployment_metadata(meta: dict) -> dict:
+def deployment_metadata(meta: StudentFile) -> dict:
     """Classes, preprocessing and provenance, stored inside the exported file."""
-    s = meta["student"]
+    s = meta.student
     return {
         "format": EXPORT_FORMAT,
-        "student": {k: s[k] for k in ("name", "width", "image_size", "num_classes") if k in s},
-        "classes": list(meta["classes"]),
-        "teachers": list(meta.get("teachers") or []),
+        "student": {"name": s.name, "width": s.width, "image_size": s.image_size, "num_classes": s.num_classes},
+        "classes": list(meta.classes),
+        "teachers": list(meta.teachers),
         "preprocessing": {"input": "input", "layout": "NCHW", "dtype": "float32", "color": "RGB",
-                          "image_size": int(s["image_size"]), "resize": RESIZE, "scale": 1 / 255,
-                          "mean": list(s["mean"]), "std": list(s["std"])},
+                          "image_size": s.image_size, "resize": RESIZE, "scale": 1 / 255,
+                          "mean": list(s.mean), "std": list(s.std)},
         "output": "logits (N, num_classes); softmax gives the probabilities",
-        "metrics": meta.get("metrics") or {},
+        "metrics": meta.metrics,
     }
 
 
@@ -238,21 +238,21 @@ class ImageSet:
     shas: list[str]  # the images' content hashes, in order
 
 
-def folder_images(folder: str, meta: dict, limit: int | None = None) -> ImageSet:
+def folder_images(folder: str, meta: StudentFile, limit: int | None = None) -> ImageSet:
     """The images under ``folder`` (class folders are the truth), evenly thinned to ``limit``."""
-    found = collect_images(folder)
+    found = list_images(folder)
     keep = _evenly(len(found.shas), limit)
     shas, paths = [found.shas[i] for i in keep], [found.paths[i] for i in keep]
     labels = [found.labels[i] for i in keep]
     return _image_set(shas, paths, labels, meta, f"{len(shas)} images from {folder}")
 
 
-def harvested_images(db: str | None, meta: dict, limit: int) -> ImageSet:
+def harvested_images(db: str | None, meta: StudentFile, limit: int) -> ImageSet:
     """Up to ``limit`` images the student's teacher answered, those under its training folder first."""
     path = db or default_db_path()
     if not Path(path).exists():
         raise DistillError(f"no database at {path} for calibration images: pass --db or --calib-images DIR")
-    spec = first_teacher(meta.get("teachers"))
+    spec = first_teacher(meta.teachers)
     store = open_store(path)
     try:
         row = store.find_teacher(spec) if spec else None
@@ -261,7 +261,7 @@ def harvested_images(db: str | None, meta: dict, limit: int) -> ImageSet:
     finally:
         store.close()
     usable = [s for s in shas if s in paths and Path(paths[s]).is_file()]
-    trained = (meta.get("config") or {}).get("images")
+    trained = meta.config.get("images")
     own = [s for s in usable if trained and Path(paths[s]).resolve().is_relative_to(Path(trained).resolve())]
     chosen = own or usable
     if not chosen:
@@ -273,10 +273,9 @@ def harvested_images(db: str | None, meta: dict, limit: int) -> ImageSet:
                       f"{len(chosen)} of {where} in {path}")
 
 
-def _image_set(shas, paths, labels, meta: dict, source: str) -> ImageSet:
-    s = meta["student"]
-    pixels = load_pixels(shas, paths, int(s["image_size"]))
-    return ImageSet(normalise(pixels, s["mean"], s["std"]), truth_indices(labels, list(meta["classes"])),
+def _image_set(shas, paths, labels, meta: StudentFile, source: str) -> ImageSet:
+    pixels = load_pixels(shas, paths, meta.image_size)
+    return ImageSet(normalise(pixels, meta.student.mean, meta.student.std), folder_classes(labels, meta.classes),
                     source, list(shas))
 
 
@@ -306,8 +305,8 @@ def export_student(cfg: ExportConfig) -> dict:
     check_config(cfg)
     if cfg.format == "onnx":
         require_onnx()
-    model, meta = load_student(cfg.student)
-    size = int(meta["student"]["image_size"])
+    model, meta = open_student(cfg.student)
+    size = meta.image_size
     out = Path(cfg.out) if cfg.out else default_out(cfg.student, cfg.format, cfg.int8)
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata = deployment_metadata(meta)
@@ -350,10 +349,10 @@ def write_fp32(fmt: str, model: torch.nn.Module, path: Path, metadata: dict, thr
     return torch_candidate("torchscript fp32", load_torchscript(path)[0], size, path.stat().st_size)
 
 
-def _quantize_and_compare(cfg: ExportConfig, model, meta: dict, fp32: Candidate, out: Path,
+def _quantize_and_compare(cfg: ExportConfig, model, meta: StudentFile, fp32: Candidate, out: Path,
                           images: tuple[ImageSet, ImageSet]) -> dict:
     calib, compare = images
-    size = int(meta["student"]["image_size"])
+    size = meta.image_size
     threads = torch.get_num_threads()
     metadata = {**deployment_metadata(meta), "quantization": "int8"}
     if cfg.format == "onnx":

@@ -103,38 +103,23 @@ def interleaved_latency(candidates: list[Candidate], batches=(1, 32), runs: int 
     return out
 
 
-def measure_ms(model: torch.nn.Module, input_shape: tuple[int, ...], options: LatencyOptions) -> float:
-    """Median wall time in ms of one forward pass on a random input of ``input_shape`` (CPU)."""
-    x = torch.randn(*input_shape)
-    model.eval()
-    times = []
-    with torch.inference_mode():
-        for _ in range(options.warmup):
-            model(x)
-        for _ in range(options.runs):
-            start = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+def latency_ms(model: torch.nn.Module, image_size: int, options: LatencyOptions) -> tuple[float, float]:
+    """(median ms at batch 1, median ms per batch of ``options.batch``) of one PyTorch model."""
+    ms = interleaved_latency([torch_candidate("model", model, image_size)], (1, options.batch),
+                             options.runs, options.warmup)["model"]
+    return ms["ms_batch1"], ms[f"ms_batch{options.batch}"]
 
 
 def student_latency(model: torch.nn.Module, image_size: int, options: LatencyOptions) -> dict:
     """CPU latency at batch 1 (ms per image) and at ``options.batch`` (ms per batch)."""
-    batch1 = measure_ms(model, (1, 3, image_size, image_size), options)
-    batched = measure_ms(model, (options.batch, 3, image_size, image_size), options)
+    batch1, batched = latency_ms(model, image_size, options)
     return {
         "device": "cpu",
         "threads": torch.get_num_threads(),
         "runs": options.runs,
-        "ms_per_image_batch1": _round(batch1, 3),
+        "ms_per_image_batch1": round(batch1, 3),
         "batch": options.batch,
-        "ms_per_batch": _round(batched, 3),
-        "ms_per_image_batched": _round(batched / options.batch, 3),
+        "ms_per_batch": round(batched, 3),
+        "ms_per_image_batched": round(batched / options.batch, 3),
         "teacher": None,
     }
-
-
-
-
-def _round(x: float | None, digits: int) -> float | None:
-    return None if x is None else round(float(x), digits)

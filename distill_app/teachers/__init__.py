@@ -3,7 +3,6 @@
 from .base import (
     DISTRIBUTION,
     MULTILABEL,
-    SCORE_KINDS,
     TOPK,
     Answer,
     AuthError,
@@ -12,15 +11,14 @@ from .base import (
     TransientError,
     create_teacher,
     get_key,
+    key_env_vars,
     register,
     split_spec,
-    teacher_prefixes,
 )
 
 __all__ = [
     "DISTRIBUTION",
     "MULTILABEL",
-    "SCORE_KINDS",
     "TOPK",
     "Answer",
     "AuthError",
@@ -29,7 +27,7 @@ __all__ = [
     "TransientError",
     "create_teacher",
     "get_key",
+    "key_env_vars",
     "register",
     "split_spec",
-    "teacher_prefixes",
 ]

@@ -16,7 +16,6 @@ from ..errors import DistillError
 DISTRIBUTION = "distribution"  # a full softmax: scores sum to ~1
 TOPK = "topk"  # the top k entries of a distribution: 1 - sum(scores) is known missing mass
 MULTILABEL = "multilabel"  # independent per-label confidences in [0, 1]; no sum constraint
-SCORE_KINDS = (DISTRIBUTION, TOPK, MULTILABEL)
 
 
 @dataclass
@@ -31,7 +30,6 @@ class Answer:
     http_status: int | None = None
     error: str | None = None
     latency_ms: float = 0.0
-    attempts: int = 1
 
     @property
     def ok(self) -> bool:
@@ -81,11 +79,6 @@ def register(prefix: str) -> Callable[[TeacherFactory], TeacherFactory]:
     return wrap
 
 
-def teacher_prefixes() -> list[str]:
-    _load_builtins()
-    return sorted(_REGISTRY)
-
-
 def split_spec(spec: str) -> tuple[str, str]:
     """``"hf:owner/model"`` -> ``("hf", "owner/model")``; ``"local"`` -> ``("local", "")``."""
     prefix, _, name = spec.strip().partition(":")
@@ -113,12 +106,21 @@ def get_key(env_var: str) -> str:
 
 def _load_builtins() -> None:
     # Importing the modules runs their @register decorators, as a plugin's import would.
-    from . import local  # noqa: F401
+    from . import local, remote  # noqa: F401
 
-    try:
-        from . import remote  # noqa: F401
-    except ImportError:  # remote providers are optional until they exist
-        pass
+
+def key_env_vars() -> set[str]:
+    """The environment variables holding API keys, of every provider class defined so far (the
+    built-in remote ones are imported here; a plugin's once it is imported): what output redacts."""
+    from . import remote  # noqa: F401  (not local: no key, and it would import torch)
+
+    names, todo = set(), [Teacher]
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        if cls.key_env_var:
+            names.add(cls.key_env_var)
+    return names
 
 
 class TransientError(Exception):

@@ -26,7 +26,9 @@ from typing import Any, Callable
 import torch
 
 from ..device import resolve_device
-from ..errors import DistillError
+from students import weights as weights_module
+
+from ..errors import DistillError, one_line
 from ..data.images import decode_rgb
 from .base import DISTRIBUTION, Answer, Teacher, TeacherOptions, register
 
@@ -123,7 +125,7 @@ class LocalTeacher(Teacher):
                 tensors.append(transform(decode_rgb(data)))
                 good.append(i)
             except Exception as exc:  # any bad input is that image's failure, never the batch's
-                answers[i] = Answer(scores=None, error=f"cannot decode image: {_short(exc)}")
+                answers[i] = Answer(scores=None, error=f"cannot decode image: {one_line(exc)}")
         # Callers send at most max_batch images, so this is normally one forward pass.
         for lo in range(0, len(tensors), self.max_batch):
             probs = self._probabilities(torch.stack(tensors[lo : lo + self.max_batch]))
@@ -150,7 +152,7 @@ class LocalTeacher(Teacher):
         except RuntimeError as exc:
             raise DistillError(
                 f"teacher {self.spec} failed on a batch of shape {tuple(batch.shape)}: "
-                f"{_short(exc)}"
+                f"{one_line(exc)}"
             ) from exc
 
     def _top_scores(self, probs: torch.Tensor, labels: list[str]) -> list[tuple[str, float]]:
@@ -160,11 +162,6 @@ class LocalTeacher(Teacher):
         if self.options.top_k:
             keep = min(keep, self.options.top_k)
         return [(labels[j], p) for p, j in zip(values[:keep].tolist(), order[:keep].tolist())]
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:160]
 
 
 def _logits(out: Any) -> torch.Tensor:
@@ -200,29 +197,6 @@ def labels_for(num_classes: int, model: Any = None, extra: dict | None = None) -
     if info.num_classes() == num_classes:
         return [info.index_to_description(i) for i in range(num_classes)]
     return [f"class_{i}" for i in range(num_classes)]
-
-
-def load_by_position(model: torch.nn.Module, state_dict: dict, source: str) -> None:
-    """Copy ``state_dict`` into ``model`` tensor by tensor, in order, checking every shape.
-
-    For weight files whose key names differ from timm's but whose layout is the same.
-    """
-    target = model.state_dict()
-    if len(state_dict) != len(target):
-        raise DistillError(
-            f"{source} holds {len(state_dict)} tensors but the model expects {len(target)}: "
-            "wrong weights file"
-        )
-    renamed = {}
-    pairs = zip(target.items(), state_dict.items())
-    for index, ((key, want), (src_key, tensor)) in enumerate(pairs):
-        if tensor.shape != want.shape:
-            raise DistillError(
-                f"{source}: tensor #{index} {src_key} has shape {tuple(tensor.shape)}, "
-                f"{key} needs {tuple(want.shape)}: wrong weights file"
-            )
-        renamed[key] = tensor
-    model.load_state_dict(renamed, strict=True)
 
 
 def _prepare(model: Any, device: torch.device) -> Any:
@@ -265,7 +239,10 @@ def _build_lite(variant: str, weights: str, device: torch.device) -> LoadedModel
     from timm.data import resolve_data_config
 
     model = timm.create_model(f"tf_{variant}", pretrained=False)
-    load_by_position(model, torch.load(weights, map_location="cpu", weights_only=True), weights)
+    try:
+        weights_module.copy_by_position(read_state_dict(weights), model, weights)
+    except ValueError as e:
+        raise DistillError(str(e)) from None
     # TF-ported weights: mean = std = 0.5, bicubic; ImageNet mean/std would cost ~9 points.
     data_config = resolve_data_config({}, model=model)
     return LoadedModel(_prepare(model, device), data_config, labels_for(1000))
@@ -315,7 +292,7 @@ def _build_timm(model_name: str, checkpoint: str, extra: dict, device: torch.dev
             model = timm.create_model(model_name, pretrained=True)
         except Exception as exc:  # HF hub / URL errors come in many types
             raise DistillError(
-                f"cannot download weights for timm:{model_name} ({_short(exc)}); "
+                f"cannot download weights for timm:{model_name} ({one_line(exc)}); "
                 f"offline: pass timm:{model_name}:CHECKPOINT"
             ) from exc
     data_config = resolve_data_config({}, model=model)
@@ -337,24 +314,17 @@ def _timm_from_checkpoint(model_name: str, checkpoint: str) -> torch.nn.Module:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
         raise DistillError(
-            f"{checkpoint} does not fit timm model {model_name}: {_short(exc)}"
+            f"{checkpoint} does not fit timm model {model_name}: {one_line(exc)}"
         ) from exc
     return model
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """A state dict from ``path``: bare, or under "state_dict"/"model"; DDP "module." stripped."""
+    """A state dict from ``path`` (``students.weights.read_state_dict``), as a DistillError."""
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise DistillError(f"cannot read checkpoint {path}: {_short(exc)}") from exc
-    for key in ("state_dict", "model"):
-        if isinstance(data, dict) and isinstance(data.get(key), dict):
-            data = data[key]
-            break
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise DistillError(f"{path} is not a state dict (tensors by name)")
-    return {k.removeprefix("module."): v for k, v in data.items()}
+        return weights_module.read_state_dict(path, "checkpoint")
+    except ValueError as e:
+        raise DistillError(str(e)) from None
 
 
 # --- torchscript:PATH --------------------------------------------------------------------------
@@ -375,7 +345,7 @@ def _build_torchscript(path: str, extra: dict, device: torch.device) -> LoadedMo
     try:
         model = torch.jit.load(path, map_location=device)
     except Exception as exc:
-        raise DistillError(f"cannot load TorchScript file {path}: {_short(exc)}") from exc
+        raise DistillError(f"cannot load TorchScript file {path}: {one_line(exc)}") from exc
     model.eval()
     data_config = dict(extra.get("data_config") or TORCHSCRIPT_DATA_CONFIG)
     # The file does not say how many classes it has: one dummy forward pass does.
@@ -384,5 +354,5 @@ def _build_torchscript(path: str, extra: dict, device: torch.device) -> LoadedMo
         with torch.inference_mode():
             num_classes = _logits(model(probe)).shape[-1]
     except RuntimeError as exc:
-        raise DistillError(f"{path} failed on a {tuple(probe.shape)} input: {_short(exc)}") from exc
+        raise DistillError(f"{path} failed on a {tuple(probe.shape)} input: {one_line(exc)}") from exc
     return LoadedModel(model, data_config, labels_for(num_classes, None, extra))

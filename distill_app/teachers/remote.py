@@ -39,7 +39,7 @@ from urllib.parse import quote, urlsplit
 
 import requests
 
-from ..errors import DistillError
+from ..errors import DistillError, one_line
 from .base import MULTILABEL, TOPK, Answer, AuthError, Teacher, TeacherOptions, TransientError
 from .base import get_key, register
 
@@ -70,7 +70,7 @@ def parse_hf(text: str | bytes) -> list[tuple[str, float]]:
     if isinstance(data, list) and len(data) == 1 and isinstance(data[0], list):
         data = data[0]  # some deployments wrap one image's answer in a batch of one
     if isinstance(data, dict) and "error" in data:
-        raise ValueError(f"error in answer: {_one_line(str(data['error']))}")
+        raise ValueError(f"error in answer: {_short_message(str(data['error']))}")
     if not isinstance(data, list) or not data:
         raise ValueError(f"expected a non-empty list of {{label, score}}, got {_kind(data)}")
     pairs = []
@@ -104,8 +104,8 @@ def google_image_error(item: dict) -> str | None:
     if error is None:
         return None
     if isinstance(error, dict):
-        return f"Google error {error.get('code', '?')}: {_one_line(str(error.get('message', '')))}"
-    return f"Google error: {_one_line(str(error))}"
+        return f"Google error {error.get('code', '?')}: {_short_message(str(error.get('message', '')))}"
+    return f"Google error: {_short_message(str(error))}"
 
 
 def parse_google(text: str | bytes) -> list[tuple[str, float]]:
@@ -162,7 +162,7 @@ def error_message(text: str | bytes) -> str:
             message = data.get("message")
     if message is None:
         message = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
-    return _one_line(str(message)) or "no message"
+    return _short_message(str(message)) or "no message"
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -220,9 +220,8 @@ def _short_repr(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _one_line(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 3] + "..."
+def _short_message(text: str) -> str:
+    return one_line(text, MAX_MESSAGE_CHARS)
 
 
 # --- endpoints --------------------------------------------------------------------------------

@@ -37,6 +37,10 @@ from urllib.parse import parse_qs, urlsplit
 
 from ..errors import DistillError
 from . import Answer, Teacher, TeacherOptions, create_teacher
+from .remote import GoogleTeacher, HFTeacher
+
+# serve-teacher's own key (--token), read from the environment like the providers' keys.
+TOKEN_ENV_VAR = "DISTILL_TEACHER_TOKEN"
 
 log = logging.getLogger("distill.server")
 
@@ -486,7 +490,7 @@ def run_forever(options: ServeOptions, announce: Callable[[str], None]) -> None:
     server, thread = serve(options)
     announce(f"serving {server.service.teacher.spec} at {server_url(server)} (Ctrl-C stops)")
     for fmt, url in endpoints(server).items():
-        key = {"hf": "HF_TOKEN", "google": "GOOGLE_API_KEY"}[fmt]
+        key = {"hf": HFTeacher.key_env_var, "google": GoogleTeacher.key_env_var}[fmt]
         teacher = "hf:local/teacher" if fmt == "hf" else "google"
         auth = f" with {key}=<token>" if options.token else f" ({key} may be any non-empty value)"
         announce(f"  {fmt:<6} distill harvest --teacher {teacher} --endpoint {url}{auth}")
