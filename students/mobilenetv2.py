@@ -8,9 +8,11 @@ width validation (in the registry), ImageNet weights for the widths that have th
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
+from .pretrained import RANDOM, Weights, cannot, offline, timm_cached, torchvision_cached
 from .registry import load_init, register_student
 from .weights import copy_by_position, first_line
 
@@ -21,44 +23,52 @@ TIMM_WEIGHTS = {0.5: "mobilenetv2_050", 1.4: "mobilenetv2_140"}
 
 @register_student("mobilenetv2")
 def create_mobilenetv2(
-    num_classes: int, width: float, image_size: int, pretrained: bool, init: str | None
-) -> nn.Module:
+    num_classes: int, width: float, image_size: int, pretrained: str, init: str | None
+) -> tuple[nn.Module, Weights]:
     """(N, 3, image_size, image_size) -> (N, num_classes) logits; any image_size works because
     the network ends in global average pooling (image_size changes cost, not parameters)."""
     if init:  # a local file is the offline way to start from ImageNet (or any earlier run)
         model = mobilenet_v2(width_mult=width, num_classes=num_classes)
-        load_init(model, init)
-        return model
-    if not pretrained:
-        return mobilenet_v2(width_mult=width, num_classes=num_classes)
-    model = _imagenet_mobilenetv2(width)
+        return model, load_init(model, init)
+    if pretrained == "off":
+        return mobilenet_v2(width_mult=width, num_classes=num_classes), RANDOM
+    model, weights = _imagenet_mobilenetv2(width, pretrained)
+    if model is None:  # auto, nothing to be had: random init, and the note says why
+        return mobilenet_v2(width_mult=width, num_classes=num_classes), weights
     if num_classes != 1000:
         head = nn.Linear(model.last_channel, num_classes)
         nn.init.normal_(head.weight, 0, 0.01)  # torchvision's own classifier init
         nn.init.zeros_(head.bias)
         model.classifier[-1] = head
-    return model
+    return model, weights
 
 
-def _imagenet_mobilenetv2(width: float) -> nn.Module:
-    """A 1000-class MobileNetV2 with ImageNet weights; ValueError when they cannot be had."""
+def _imagenet_mobilenetv2(width: float, mode: str) -> tuple[nn.Module | None, Weights]:
+    """A 1000-class MobileNetV2 with ImageNet weights from the caches or a download; (None, a
+    random-init note) when ``auto`` finds none, a ValueError when ``on`` does not."""
+    what = f"mobilenetv2 x{width:g}"
     if width != 1.0 and width not in TIMM_WEIGHTS:
-        have = ", ".join(str(w) for w in sorted([1.0, *TIMM_WEIGHTS]))
-        raise ValueError(
-            f"no ImageNet weights for width {width} (available: {have}); "
-            "pass init=PATH or drop pretrained"
-        )
+        have = ", ".join(f"{w:g}" for w in sorted([1.0, *TIMM_WEIGHTS]))
+        return None, cannot(what, mode, f"weights are published for widths {have} only")
+    if width == 1.0:
+        source = f"torchvision:{MobileNet_V2_Weights.DEFAULT}"
+        if torchvision_cached(MobileNet_V2_Weights.DEFAULT.url) is None and offline():
+            return None, cannot(what, mode, f"not in the torch cache {torch.hub.get_dir()}, and downloads are off")
+    else:
+        source = f"timm:{TIMM_WEIGHTS[width]}"
+        cached = timm_cached(TIMM_WEIGHTS[width])
+        if cached is None and offline():
+            return None, cannot(what, mode, "not in the Hugging Face cache, and downloads are off")
     try:
-        if width == 1.0:
-            return mobilenet_v2(weights=MobileNet_V2_Weights.DEFAULT)
+        if width == 1.0:  # torchvision reuses its cache file, else downloads it
+            return mobilenet_v2(weights=MobileNet_V2_Weights.DEFAULT), Weights(source)
         import timm
 
-        source = timm.create_model(TIMM_WEIGHTS[width], pretrained=True)
+        overlay = {"file": cached} if cached else None
+        timm_model = timm.create_model(TIMM_WEIGHTS[width], pretrained=True, pretrained_cfg_overlay=overlay)
     except Exception as exc:  # URLError, HF hub errors, ... all mean "could not download"
-        raise ValueError(
-            f"cannot download ImageNet weights for mobilenetv2 width {width} "
-            f"({first_line(exc)}); no network: pass init=PATH"
-        ) from exc
+        return None, cannot(what, mode, f"cannot download them: {first_line(exc)}")
     model = mobilenet_v2(width_mult=width)
-    copy_by_position(source.state_dict(), model, TIMM_WEIGHTS[width])
-    return model
+    copy_by_position(timm_model.state_dict(), model, source)
+    cfg = timm_model.pretrained_cfg
+    return model, Weights(source, tuple(cfg["mean"]), tuple(cfg["std"]))

@@ -141,10 +141,10 @@ def resizable_mobilenetv2(num_classes: int, width: float) -> nn.Module:
 
 @register_student(PRUNED_NAME)
 def create_pruned_mobilenetv2(
-    num_classes: int, width: float, image_size: int, pretrained: bool, init: str | None
+    num_classes: int, width: float, image_size: int, pretrained: str, init: str | None
 ) -> nn.Module:
     """A MobileNetV2 shell for pruned weights: its widths come from ``load_state_dict``."""
-    if pretrained or init:
+    if pretrained == "on" or init:
         raise ValueError(f"{PRUNED_NAME} is made by `distill prune` from a trained student; "
                          "train mobilenetv2 with --pretrained/--init instead")
     return resizable_mobilenetv2(num_classes, width)

@@ -1,9 +1,10 @@
 """The student registry: names -> model factories, with timm as the fallback for any other name.
 
 A factory is registered with ``@register_student("name")`` and called as
-``factory(num_classes, width, image_size, pretrained, init)``; it returns an ``nn.Module`` mapping
-``(N, 3, image_size, image_size)`` float32, normalised with STUDENT_MEAN/STUDENT_STD, to
-``(N, num_classes)`` logits.
+``factory(num_classes, width, image_size, pretrained, init)`` (``pretrained``: auto, on or off);
+it returns an ``nn.Module`` mapping ``(N, 3, image_size, image_size)`` float32 to
+``(N, num_classes)`` logits, or ``(module, Weights)`` to say where its weights came from and the
+mean/std they expect (default: random init, STUDENT_MEAN/STUDENT_STD).
 """
 
 from __future__ import annotations
@@ -13,19 +14,22 @@ from typing import Callable
 
 from torch import nn
 
-from .weights import first_line, read_state_dict
+from .pretrained import (IMAGENET_MEAN, IMAGENET_STD, RANDOM, Weights, cannot, mode_of, normalisation, offline,
+                         timm_cached)
+from .weights import first_line, read_weights
 
-# Students are always fed ImageNet-normalised input: torchvision and timm ImageNet weights expect
-# it, and one constant keeps training, eval and export from disagreeing.
-STUDENT_MEAN = (0.485, 0.456, 0.406)
-STUDENT_STD = (0.229, 0.224, 0.225)
+# A student's input normalisation when its weights say nothing else (random init, torchvision and
+# timm ImageNet weights); an init file may carry its own (Weights.mean/std), stored in StudentConfig.
+STUDENT_MEAN = IMAGENET_MEAN
+STUDENT_STD = IMAGENET_STD
 
 # The user-facing ranges. SPEC: width 0.35-1.4, image size 96-224 nominal; 32-512 is accepted so
 # tests can be fast and high-resolution experiments possible.
 WIDTH_RANGE = (0.35, 1.4)
 IMAGE_SIZE_RANGE = (32, 512)
 
-StudentFactory = Callable[[int, float, int, bool, "str | None"], nn.Module]
+# factory(num_classes, width, image_size, pretrained mode, init) -> model, or (model, Weights)
+StudentFactory = Callable[[int, float, int, str, "str | None"], "nn.Module | tuple[nn.Module, Weights]"]
 _REGISTRY: dict[str, StudentFactory] = {}
 
 
@@ -50,20 +54,37 @@ def create_student(
     num_classes: int,
     width: float = 1.0,
     image_size: int = 224,
-    pretrained: bool = False,
+    pretrained: bool | str = False,
     init: str | None = None,
 ) -> nn.Module:
-    """Build a student: a registered name, else any timm model name.
+    """The model of :func:`build_student`, without its provenance."""
+    return build_student(name, num_classes, width, image_size, pretrained, init)[0]
+
+
+def build_student(
+    name: str,
+    num_classes: int,
+    width: float = 1.0,
+    image_size: int = 224,
+    pretrained: bool | str = "off",
+    init: str | None = None,
+) -> tuple[nn.Module, Weights]:
+    """Build a student: a registered name, else any timm model name; with where its weights
+    came from (:class:`Weights`, whose mean/std are the input normalisation they expect).
 
     width: channel multiplier alpha (registered students; timm names carry it in the name).
     image_size: input side in pixels; MobileNetV2 pools globally, so it sets cost, not shape.
-    pretrained: ImageNet weights (needs the network); init: a local state-dict file instead.
+    pretrained: ``auto``/``on``/``off`` (or True/False) ImageNet weights, see students.pretrained;
+    init: a local weights file instead (an ImageNet state dict, or an earlier run's).
     Raises ValueError, echoing the bad value, for anything the caller must change.
     """
     _validate(num_classes, width, image_size)
+    mode = mode_of(pretrained)
     _load_builtins()
     if name in _REGISTRY:
-        return _REGISTRY[name](num_classes, float(width), int(image_size), pretrained, init)
+        built = _REGISTRY[name](num_classes, float(width), int(image_size), mode, init)
+        # A plugin's factory may return the bare model: random init (or its init file, loaded).
+        return built if isinstance(built, tuple) else (built, Weights(f"init:{init}") if init else RANDOM)
     import timm  # slow to import; only needed for the fallback
 
     if not timm.is_model(name):
@@ -76,18 +97,27 @@ def create_student(
             "width applies to registered students only; choose a timm name with the width "
             f"in it (e.g. mobilenetv3_small_050), got width={width}"
         )
+    if init or mode == "off":
+        model = timm.create_model(name, num_classes=num_classes)
+        return model, (load_init(model, init) if init else RANDOM)
+    return _timm_pretrained(name, num_classes, mode)
+
+
+def _timm_pretrained(name: str, num_classes: int, mode: str) -> tuple[nn.Module, Weights]:
+    """timm's default ImageNet weights of ``name``: from the Hugging Face cache, else downloaded."""
+    import timm
+
+    cached = timm_cached(name)
+    if cached is None and offline():
+        return timm.create_model(name, num_classes=num_classes), cannot(name, mode, "not cached, and downloads are off")
+    overlay = {"file": cached} if cached else None
     try:
-        model = timm.create_model(name, num_classes=num_classes, pretrained=pretrained)
+        model = timm.create_model(name, num_classes=num_classes, pretrained=True, pretrained_cfg_overlay=overlay)
     except Exception as exc:  # HF hub / URL errors come in many types
-        if not pretrained:
-            raise
-        raise ValueError(
-            f"cannot download ImageNet weights for {name} ({first_line(exc)}); "
-            "no network: pass init=PATH"
-        ) from exc
-    if init:
-        load_init(model, init)
-    return model
+        weights = cannot(name, mode, f"cannot download them: {first_line(exc)}")
+        return timm.create_model(name, num_classes=num_classes), weights
+    cfg = model.pretrained_cfg
+    return model, Weights(f"timm:{cfg.get('hf_hub_id') or name}", tuple(cfg["mean"]), tuple(cfg["std"]))
 
 
 @dataclass
@@ -122,17 +152,19 @@ class StudentConfig:
                 values[key] = tuple(float(x) for x in values[key])
         return cls(**values)
 
-    def create(self, pretrained: bool = False, init: str | None = None) -> nn.Module:
+    def create(self, pretrained: bool | str = False, init: str | None = None) -> nn.Module:
         """The (untrained unless ``pretrained``/``init``) model this config describes."""
         return create_student(
             self.name, self.num_classes, self.width, self.image_size, pretrained, init
         )
 
 
-def load_init(model: nn.Module, path: str) -> None:
+def load_init(model: nn.Module, path: str) -> Weights:
     """Load a state dict from ``path`` into ``model``, skipping classifier tensors whose shape
-    differs (ImageNet head -> our classes). Any other mismatch is a ValueError."""
-    state = read_state_dict(path, "init")
+    differs (ImageNet head -> our classes). Any other mismatch is a ValueError. Returns the
+    provenance, with the file's own ``normalize`` (mean, std) when it carries one."""
+    state, extras = read_weights(path, "init")
+    norm = normalisation(extras)
     head = _classifier_prefix(model)
     own = model.state_dict()
     differ = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
@@ -152,6 +184,7 @@ def load_init(model: nn.Module, path: str) -> None:
             f"init={path} does not fit this model: "
             f"missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
+    return Weights(f"init:{path}", *norm) if norm else Weights(f"init:{path}")
 
 
 def _classifier_prefix(model: nn.Module) -> str:

@@ -10,7 +10,12 @@ from torch import nn
 
 
 def read_state_dict(path: str, what: str = "weights file") -> dict[str, torch.Tensor]:
-    """A state dict from ``path``: bare, or under "state_dict"/"model"; DDP "module." stripped.
+    """A state dict from ``path``: bare, or under "state_dict"/"model"; DDP "module." stripped."""
+    return read_weights(path, what)[0]
+
+
+def read_weights(path: str, what: str = "weights file") -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, the file's other top-level entries, e.g. ``normalize``) from ``path``.
 
     ``weights_only``: a weights file is data, never code (a pickle could run anything).
     """
@@ -18,13 +23,15 @@ def read_state_dict(path: str, what: str = "weights file") -> dict[str, torch.Te
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(f"cannot read {what} {path}: {first_line(exc)}") from exc
+    extras: dict = {}
     for key in ("state_dict", "model"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
+            extras = {k: v for k, v in data.items() if k != key}
             data = data[key]
             break
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise ValueError(f"{path} is not a state dict (tensors by name)")
-    return {k.removeprefix("module."): v for k, v in data.items()}
+    return {k.removeprefix("module."): v for k, v in data.items()}, extras
 
 
 def copy_by_position(state: dict[str, torch.Tensor], model: nn.Module, source: str) -> None:

@@ -41,6 +41,10 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("DISTILL_CACHE_DIR", str(tmp_path / "pixel-cache"))
     for var in ("DISTILL_DB", "HF_TOKEN", "GOOGLE_API_KEY", "AZURE_VISION_KEY", "AZURE_VISION_ENDPOINT"):
         monkeypatch.delenv(var, raising=False)
+    # Weights: empty caches of our own, and never a download (tests must not need the network).
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("DISTILL_OFFLINE", "1")
     return tmp_path
 
 

@@ -1,5 +1,7 @@
 """Students: the MobileNetV2 registry entry, timm fallback, validation, init, size and cost."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -115,3 +117,60 @@ def test_student_config_round_trip():
     assert config.create()(torch.zeros(1, 3, 96, 96)).shape == (1, 3)
     with pytest.raises(ValueError, match="num_classes"):
         StudentConfig.from_dict({"name": "mobilenetv2"})
+
+
+def _no_network(monkeypatch):
+    """Any connection attempt fails the test (``socket.connect`` is where every download starts)."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a network connection was attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_pretrained_auto_falls_back_to_random_with_a_notice(monkeypatch):
+    _no_network(monkeypatch)
+    model, weights = students.build_student("mobilenetv2", 10, width=1.0, pretrained="auto")
+    assert weights.source == "random" and not weights.pretrained
+    assert "random init" in weights.note and "--init FILE" in weights.note and "\n" not in weights.note
+    assert model.classifier[-1].out_features == 10
+
+
+def test_pretrained_on_fails_in_one_line_and_off_never_looks(monkeypatch):
+    _no_network(monkeypatch)
+    with pytest.raises(ValueError, match="no ImageNet weights for mobilenetv2 x0.5") as info:
+        students.build_student("mobilenetv2", 10, width=0.5, pretrained="on")
+    assert "\n" not in str(info.value)
+    monkeypatch.delenv("DISTILL_OFFLINE")  # off must not even try, offline or not
+    _, weights = students.build_student("mobilenetv2", 10, width=1.0, pretrained="off")
+    assert weights.source == "random" and weights.note is None
+
+
+def test_pretrained_auto_uses_the_torch_cache(monkeypatch, tmp_path):
+    """A torchvision weights file in the torch hub cache is used without any network."""
+    from torchvision.models import MobileNet_V2_Weights
+
+    _no_network(monkeypatch)
+    source = create_student("mobilenetv2", 1000, width=1.0)
+    cache = Path(torch.hub.get_dir(), "checkpoints")
+    cache.mkdir(parents=True)
+    torch.save(source.state_dict(), cache / MobileNet_V2_Weights.DEFAULT.url.rsplit("/", 1)[-1])
+    model, weights = students.build_student("mobilenetv2", 3, width=1.0, pretrained="auto")
+    assert weights.source.startswith("torchvision:") and weights.mean == STUDENT_MEAN
+    assert torch.equal(model.features[0][0].weight, source.features[0][0].weight)
+    assert model.classifier[-1].out_features == 3  # the head is replaced for other class counts
+
+
+def test_init_file_carries_its_normalisation(tmp_path):
+    source = create_student("mobilenetv2", 1000, width=0.35)
+    path = tmp_path / "imagenet.pt"
+    torch.save({"state_dict": source.state_dict(), "normalize": {"mean": [0.5] * 3, "std": [0.5] * 3}}, path)
+    _, weights = students.build_student("mobilenetv2", 4, width=0.35, init=str(path), pretrained="auto")
+    assert weights.source == f"init:{path}" and weights.mean == (0.5,) * 3 and weights.std == (0.5,) * 3
+    torch.save({"state_dict": source.state_dict(), "normalize": {"mean": [0.5], "std": [0.5] * 3}}, path)
+    with pytest.raises(ValueError, match="normalize"):
+        students.build_student("mobilenetv2", 4, width=0.35, init=str(path))
+    torch.save(source.state_dict(), path)  # a plain state dict: ImageNet statistics, as before
+    assert students.build_student("mobilenetv2", 4, width=0.35, init=str(path))[1].mean == STUDENT_MEAN
