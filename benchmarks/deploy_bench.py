@@ -86,7 +86,7 @@ def build_candidates(args, model, meta: dict, work: Path) -> tuple[list[Candidat
     size, threads = int(meta["student"]["image_size"]), args.threads
     calib = folder_images(args.train, meta, args.calib)
     log(f"calibration: {calib.source}")
-    onnx_fp32 = write_fp32("onnx", model, work / "model.onnx", deployment_metadata(meta), threads)
+    onnx_fp32 = write_fp32("onnx", model, work / "model.onnx", size, deployment_metadata(meta), threads)
     quantize_onnx(work / "model.onnx", work / "model.int8.onnx", calib.x, deployment_metadata(meta))
     ts_int8 = work / "model.int8.torchscript.pt"
     save_torchscript(quantize_torch(model, calib.x, size), ts_int8, deployment_metadata(meta))
@@ -100,7 +100,7 @@ def build_candidates(args, model, meta: dict, work: Path) -> tuple[list[Candidat
     summary = prune_student(PruneConfig(student=args.run, amount=args.amount, epochs=args.prune_epochs,
                                         images=args.train, db=args.db, out=str(work / "pruned"), device="cpu"))
     pruned, pmeta = load_student(work / "pruned")
-    write_fp32("onnx", pruned, work / "pruned.onnx", deployment_metadata(pmeta), threads)
+    write_fp32("onnx", pruned, work / "pruned.onnx", size, deployment_metadata(pmeta), threads)
     quantize_onnx(work / "pruned.onnx", work / "pruned.int8.onnx", calib.x, deployment_metadata(pmeta))
     students += [torch_candidate(f"pruned {args.amount:.0%} PyTorch", pruned, size, summary["file_bytes"]),
                  onnx_candidate(f"pruned {args.amount:.0%} ONNX", work / "pruned.onnx", size, threads),

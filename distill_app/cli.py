@@ -116,8 +116,10 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     seed: int = typer.Option(0),
     workers: int = typer.Option(0, min=0, help="DataLoader worker processes."),
-    pretrained: bool = typer.Option(False, "--pretrained", help="Start from ImageNet weights (needs network or --init)."),
-    init: Optional[Path] = typer.Option(None, help="Initial weights file for the student."),
+    pretrained: str = typer.Option("auto", help="ImageNet weights for the student: auto (from --init, the torch/HF "
+                                   "caches or a download; else random init, with a notice), on (fail without), off."),
+    init: Optional[Path] = typer.Option(None, help="Initial weights file for the student (a state dict; may carry "
+                                        "its normalize mean/std)."),
     accum_steps: int = typer.Option(1, min=1, help="Forward passes per optimizer step (gradient accumulation): "
                                     "each sees batch-size / (processes x N) images."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the student: for GPUs, slower on CPU (warns and runs without if it fails)."),
@@ -130,10 +132,13 @@ def train(
     Several GPUs: torchrun --nproc-per-node 4 $(which distill) train ... (docs/distributed.md)
     """
     from .training.distributed import is_main_process
+    from students import PRETRAINED_MODES
+
     from .training.trainer import TrainConfig, train as run_train
 
     _check_choice("--targets", targets, ("soft", "hard"))
     _check_choice("--loss", loss, ("mse", "kl"))
+    _check_choice("--pretrained", pretrained, PRETRAINED_MODES)
     cfg = TrainConfig(
         images=str(images), db=db, teachers=list(teacher or ["local"]),
         label_map=str(label_map) if label_map else None, other=other, max_classes=max_classes,

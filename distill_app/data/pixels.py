@@ -159,18 +159,20 @@ def to_input(x: torch.Tensor, mean=STUDENT_MEAN, std=STUDENT_STD) -> torch.Tenso
 
 class PixelBatches(torch.utils.data.Dataset):
     """Item i: micro-batch i as (input, (n,) int64 image rows): ``items[i]`` is (rows (n,) int64,
-    crop offsets (2, n), flips (n,)). ``normalise``: the float input of :func:`to_input` (CPU
-    training), else the augmented (n, S, S, 3) uint8 (4x less to copy to a GPU, normalised there).
+    crop offsets (2, n), flips (n,)). ``normalise``: the float input of :func:`to_input` with the
+    student's ``mean``/``std`` (CPU training), else the augmented (n, S, S, 3) uint8 (4x less to
+    copy to a GPU, normalised there).
 
     Workers reopen the memory-mapped file rather than receive a pickled copy of the whole array.
     """
 
     def __init__(self, pixels: np.ndarray, items: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]],
-                 normalise: bool = True):
+                 normalise: bool = True, mean=STUDENT_MEAN, std=STUDENT_STD):
         self.file = getattr(pixels, "filename", None)
         self.pixels = pixels
         self.items = items
         self.normalise = normalise
+        self.mean, self.std = tuple(mean), tuple(std)
 
     def __getstate__(self):
         return {**self.__dict__, "pixels": None if self.file else self.pixels}
@@ -183,4 +185,4 @@ class PixelBatches(torch.utils.data.Dataset):
             self.pixels = np.load(self.file, mmap_mode="r")
         rows, offsets, flip = self.items[i]
         x = crop_flip(torch.from_numpy(self.pixels[rows]), offsets, flip)  # fancy indexing copies
-        return (to_input(x) if self.normalise else x), torch.from_numpy(rows.astype(np.int64))
+        return (to_input(x, self.mean, self.std) if self.normalise else x), torch.from_numpy(rows.astype(np.int64))

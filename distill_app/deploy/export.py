@@ -321,7 +321,7 @@ def export_student(cfg: ExportConfig) -> dict:
     check_inputs = shown.x[:8] if shown else _random_inputs(size)
     with torch_threads(threads), tempfile.TemporaryDirectory() as tmp:
         fp32_path = Path(tmp, out.name) if cfg.int8 else out
-        fp32 = write_fp32(cfg.format, model, fp32_path, metadata, threads)
+        fp32 = write_fp32(cfg.format, model, fp32_path, size, metadata, threads)
         diff = max_abs_diff(fp32, model, check_inputs)
         if diff > MAX_ABS_DIFF:
             raise DistillError(f"the {cfg.format} export differs from PyTorch by {diff:.2e} (> {MAX_ABS_DIFF}): "
@@ -339,9 +339,9 @@ def export_student(cfg: ExportConfig) -> dict:
     return result
 
 
-def write_fp32(fmt: str, model: torch.nn.Module, path: Path, metadata: dict, threads: int) -> Candidate:
-    """Export ``model`` to ``path`` in ``fmt``; returns the file, loaded back, ready to run."""
-    size = int(metadata["preprocessing"]["image_size"])
+def write_fp32(fmt: str, model: torch.nn.Module, path: Path, size: int, metadata: dict, threads: int) -> Candidate:
+    """Export ``model`` (input ``size`` px) to ``path`` in ``fmt``; returns the file, loaded back,
+    ready to run."""
     if fmt == "onnx":
         export_onnx(model, path, size, metadata)
         return onnx_candidate("onnx fp32", path, size, threads)
