@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as distill_app.training.trainer does: the bound gets the same
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as distill_app.training does: the bound gets the same
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -131,7 +131,8 @@ class Bound:
         import numpy as np
         import torch
 
-        from distill_app.training.trainer import make_optimizer, to_input
+        from distill_app.data.pixels import to_input
+        from distill_app.training.loop import make_optimizer
         from students import create_student
 
         torch.manual_seed(0)

@@ -18,10 +18,12 @@ from distill_app.training.checkpoint import load_student
 from distill_app.training.distributed import Ranks
 from distill_app.errors import DistillError
 from distill_app.data.images import sha256_bytes
-from distill_app.data.pixels import crop_flip
+from distill_app.data.pixels import augment, crop_flip, crop_padding, to_input
 from distill_app.teachers.spec import parse_teacher
-from distill_app.training.trainer import (TrainConfig, augment, crop_padding, epoch_batches, epoch_plan, get_lr,
-                               split_val, to_input, train)
+from distill_app.training.config import TrainConfig
+from distill_app.training.data import split_val
+from distill_app.training.schedule import epoch_batches, epoch_plan, get_lr
+from distill_app.training.trainer import train
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
 # What an ImageNet teacher might say about a mostly-red, -green or -blue picture.

@@ -17,9 +17,7 @@ import copy
 import json
 import logging
 import math
-import tempfile
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -28,22 +26,23 @@ import torch
 from torch import nn
 
 from cache import default_db_path
-from students import count_macs, count_params
+from students import StudentConfig, count_macs, count_params
 from students.pruned import (PRUNED_NAME, expanded_blocks, hidden_channels, keep_block_channels,
                              keep_head_channels)
 
-from ..training.checkpoint import load_student, save_student
+from ..data.pixels import load_pixels
+from ..data.targets import OTHER, LabelMap
 from ..device import resolve_device
 from ..errors import DistillError
+from ..training.checkpoint import CONFIG_FILE, METRICS_FILE, MODEL_FILE, StudentFile, open_student, save_student
+from ..training.config import TrainConfig
+from ..training.data import TrainData, prepare_data
+from ..training.distributed import Ranks
+from ..training.loop import Run, check_batches, evaluate, new_run, train_epoch
 from .measure import interleaved_latency, torch_candidate
-from ..training.losses import distill_loss
-from ..data.pixels import load_pixels
-from ..data.targets import OTHER, one_hot
-from ..training.trainer import TrainConfig, TrainData, augment, epoch_batches, get_lr, prepare_data, to_input
 
 log = logging.getLogger(__name__)
 
-MODEL, METRICS, CONFIG = "model.pt", "metrics.jsonl", "config.json"
 CRITERION = "L1 norm of each expand (and head) conv filter; the smallest are removed"
 
 # progress(step, done, total, info): fine-tuning batches of one pruning step.
@@ -124,44 +123,50 @@ def prune_to(model: nn.Module, widths: list[int]) -> None:
 
 
 @dataclass
-class FineTuneData:
+class FineTune:
+    """The student's training set rebuilt from the store, and the trainer's configuration that
+    fine-tunes on it: the student's loss and targets, this command's lr, epochs and batch size."""
+
+    cfg: TrainConfig
     data: TrainData
     pixels: np.ndarray  # (N, S, S, 3) uint8
-    targets: torch.Tensor  # (N, C) what the loss fits (soft targets or one-hot, as trained)
-    hard: torch.Tensor  # (N,) int64
-    top1: torch.Tensor  # (N,) int64 teacher argmax
-    loss: dict  # kind, temperature, hard_weight: as the student was trained
+    ranks: Ranks  # one process
+
+    def run(self, model: nn.Module, student: StudentConfig, seed: int | None = None) -> Run:
+        """A trainer's run at step 0 around ``model`` (fresh optimizer: pruning replaced the parameters)."""
+        cfg = self.cfg if seed is None else replace(self.cfg, seed=seed)
+        return new_run(cfg, self.data, self.pixels, student, model, self.ranks)
 
 
-def fine_tune_data(cfg: PruneConfig, meta: dict) -> FineTuneData:
-    """The student's images, targets and split, rebuilt from the store as train.py builds them."""
-    config = meta.get("config") or {}
+def fine_tune_data(cfg: PruneConfig, meta: StudentFile) -> FineTune:
+    """The student's images, targets and split, rebuilt from the store as the trainer builds them."""
+    config = meta.config
     images = cfg.images or config.get("images")
     if not images:
         raise DistillError("the student does not record its training images: pass --images DIR")
-    classes = list(meta["classes"])
-    # The student's own class list and label map, written where prepare_data can read them,
-    # so the targets have exactly its columns whatever the store holds now.
-    label_map = meta.get("label_map") or {c: [c] for c in classes if c != OTHER}
-    with tempfile.TemporaryDirectory() as tmp:
-        map_path = Path(tmp, "label_map.json")
-        map_path.write_text(json.dumps(label_map), encoding="utf-8")
-        train_cfg = TrainConfig(images=str(images), db=_default_db(cfg, config),
-                                teachers=list(meta.get("teachers") or ["local"]), label_map=str(map_path),
-                                other=bool(config["other"]) if "other" in config else OTHER in classes,
-                                val_fraction=float(config.get("val_fraction", 0.1)))
-        data = prepare_data(train_cfg, None)
+    classes = list(meta.classes)
+    # The student's own class list and label map, so the targets have exactly its columns
+    # whatever the store holds now.
+    label_map = (LabelMap.from_dict(meta.label_map, origin=f"the label map of {cfg.student}") if meta.label_map
+                 else LabelMap.identity([c for c in classes if c != OTHER]))
+    s = meta.student
+    train_cfg = TrainConfig(
+        images=str(images), db=_default_db(cfg, config), teachers=list(meta.teachers or ["local"]),
+        other=bool(config["other"]) if "other" in config else OTHER in classes,
+        val_fraction=float(config.get("val_fraction", 0.1)),
+        student=s.name, width=s.width, image_size=meta.image_size,
+        # This command's schedule: no warm-up (the weights are trained already), cosine from --lr.
+        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, warmup_epochs=0.0, device=cfg.device, seed=cfg.seed,
+        # As the student was trained.
+        weight_decay=float(config.get("weight_decay", 0.05)), targets=config.get("targets", "soft"),
+        loss=config.get("loss", "mse"), temperature=float(config.get("temperature", 1.0)),
+        hard_weight=float(config.get("hard_weight", 0.0)))
+    data = prepare_data(train_cfg, None, label_map)
     if data.classes != classes:
         raise DistillError(f"the store's answers give classes {data.classes[:5]}..., the student has "
                            f"{classes[:5]}...: pass the --db and --images it was trained on")
-    size = int(meta["student"]["image_size"])
-    pixels = load_pixels(data.shas, data.paths, size)
-    soft = config.get("targets", "soft") == "soft"
-    targets = data.soft_targets if soft else one_hot(data.teacher_top1, len(classes))
-    loss = {"kind": config.get("loss", "mse"), "temperature": float(config.get("temperature", 1.0)),
-            "hard_weight": float(config.get("hard_weight", 0.0))}
-    return FineTuneData(data, pixels, torch.from_numpy(targets), torch.from_numpy(data.hard_labels),
-                        torch.from_numpy(data.teacher_top1), loss)
+    pixels = load_pixels(data.shas, data.paths, meta.image_size)
+    return FineTune(train_cfg, data, pixels, Ranks(resolve_device(cfg.device)))
 
 
 def _default_db(cfg: PruneConfig, config: dict) -> str:
@@ -171,71 +176,30 @@ def _default_db(cfg: PruneConfig, config: dict) -> str:
     return trained_with if trained_with and Path(trained_with).exists() else default_db_path()
 
 
-# -- fine-tuning ------------------------------------------------------------------------------------
+# -- fine-tuning: the trainer's epochs and validation -----------------------------------------------
 
 
-def fine_tune(model: nn.Module, ft: FineTuneData, cfg: PruneConfig, step: int,
+def fine_tune(model: nn.Module, ft: FineTune, student: StudentConfig, step: int,
               progress: Progress | None = None) -> list[dict]:
-    """``cfg.epochs`` epochs of distillation on the training split; one metrics dict per epoch."""
-    device = next(model.parameters()).device
-    train_idx = np.flatnonzero(~ft.data.is_val)
-    params = list(model.parameters())
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.05},
-                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=cfg.lr)
-    per_epoch = len(epoch_batches(train_idx, cfg.batch_size, cfg.seed, 0))
-    total, done, history = cfg.epochs * per_epoch, 0, []
-    for epoch in range(1, cfg.epochs + 1):
-        seed = cfg.seed * 1_000_003 + step * 1000 + epoch
-        generator = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)  # dropout
-        model.train()
-        loss_sum, seen, started = 0.0, 0, time.perf_counter()
-        for idx in epoch_batches(train_idx, cfg.batch_size, seed, epoch):
-            lr = get_lr(done, total, 0, cfg.lr)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            x = to_input(augment(torch.from_numpy(np.asarray(ft.pixels[idx])), generator).to(device))
-            i = torch.from_numpy(idx)
-            loss = _loss(model(x), ft, i, device)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            done += 1
-            loss_sum += loss.item() * len(idx)
-            seen += len(idx)
-            if progress:
-                progress(step, done, total, {"loss": loss.item()})
-        seconds = time.perf_counter() - started
-        history.append({"prune_step": step, "train_loss": loss_sum / max(seen, 1), "lr": lr,
-                        "images_per_s": seen / max(seconds, 1e-9), "train_seconds": seconds,
-                        **val_metrics(model, ft, cfg.batch_size)})
+    """``ft.cfg.epochs`` epochs of distillation on the training split; one metrics dict per epoch."""
+    # The trainer seeds batches, augmentation and dropout by (seed, epoch, batch), and every
+    # pruning step starts again at epoch 1: a seed of its own keeps the steps from repeating
+    # one another's batches.
+    seed = int(np.random.SeedSequence([ft.cfg.seed, step]).generate_state(1)[0])
+    check_batches(ft.cfg, ft.data, ft.ranks)
+    run = ft.run(model, student, seed)
+    total = ft.cfg.epochs * run.steps_per_epoch
+    report = progress and (lambda epoch, done, steps, info: progress(step, (epoch - 1) * steps + done, total, info))
+    history = []
+    for epoch in range(1, ft.cfg.epochs + 1):
+        history.append({"prune_step": step, **train_epoch(run, epoch, report), **validate(run)})
         log.info("prune step %d epoch %d: %s", step, epoch, history[-1])
     return history
 
 
-def _loss(logits: torch.Tensor, ft: FineTuneData, i: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return distill_loss(logits, ft.targets[i].to(device), ft.hard[i].to(device), ft.loss["kind"],
-                        ft.loss["temperature"], ft.loss["hard_weight"])
-
-
-@torch.no_grad()
-def val_metrics(model: nn.Module, ft: FineTuneData, batch_size: int) -> dict:
-    """val_loss, val_accuracy (vs hard labels) and val_agreement (vs teacher top-1), as train.py."""
-    device = next(model.parameters()).device
-    model.eval()
-    val = np.flatnonzero(ft.data.is_val)
-    loss_sum, correct, agree = 0.0, 0, 0
-    for start in range(0, len(val), 2 * batch_size):
-        idx = val[start:start + 2 * batch_size]
-        logits = model(to_input(torch.from_numpy(np.asarray(ft.pixels[idx])).to(device)))
-        i = torch.from_numpy(idx)
-        loss_sum += _loss(logits, ft, i, device).item() * len(idx)
-        pred = logits.argmax(dim=1).cpu()
-        correct += int((pred == ft.hard[i]).sum())
-        agree += int((pred == ft.top1[i]).sum())
-    n = max(len(val), 1)
-    return {"val_loss": loss_sum / n, "val_accuracy": correct / n, "val_agreement": agree / n,
-            "val_images": len(val)}
+def validate(run: Run) -> dict:
+    """The trainer's validation metrics (val_loss, val_accuracy, val_agreement), plus val_images."""
+    return {**evaluate(run), "val_images": len(run.val_idx)}
 
 
 # -- the whole job -----------------------------------------------------------------------------------
@@ -244,31 +208,33 @@ def val_metrics(model: nn.Module, ft: FineTuneData, batch_size: int) -> dict:
 def prune_student(cfg: PruneConfig, progress: Progress | None = None) -> dict:
     """Prune ``cfg.student``, fine-tune, save a run folder; returns the before/after summary.
 
-    The new folder holds model.pt (student name ``mobilenetv2_pruned``: ``load_student``
+    The new folder holds model.pt (student name ``mobilenetv2_pruned``: ``open_student``
     rebuilds it from the weights' shapes), config.json and metrics.jsonl (one line per
-    fine-tuning epoch, the keys of train.py's, so eval's curves work).
+    fine-tuning epoch, the keys of the trainer's, so eval's curves work).
     """
     check_config(cfg)
-    original, meta = load_student(cfg.student)
+    original, meta = open_student(cfg.student)
     _check_prunable(original, meta)
     out = resolve_out(cfg)
     ft = fine_tune_data(cfg, meta)
-    device = resolve_device(cfg.device)
-    model = copy.deepcopy(original).to(device)
+    model = copy.deepcopy(original).to(ft.ranks.device, memory_format=torch.channels_last)
     widths_before = hidden_channels(model)
-    before = {**model_size(original, meta), **val_metrics(model, ft, cfg.batch_size)}
+    before = {**model_size(original, meta), **validate(ft.run(model, meta.student))}
     history, steps = [], []
     for step in range(1, cfg.steps + 1):
         widths = target_widths(widths_before, cfg.amount * step / cfg.steps, cfg.round_to, cfg.head)
         prune_to(model, widths)
-        pruned = val_metrics(model, ft, cfg.batch_size)  # before fine-tuning: what the cut cost
-        lines = fine_tune(model, ft, cfg, step, progress) if cfg.epochs else []
+        # The surgery builds new layers on the CPU: back to the device, in the trainer's layout.
+        model = model.to(ft.ranks.device, memory_format=torch.channels_last)
+        student = pruned_config(meta.student, model)
+        pruned = validate(ft.run(model, student))  # before fine-tuning: what the cut cost
+        lines = fine_tune(model, ft, student, step, progress) if cfg.epochs else []
         history += [{"epoch": len(history) + k + 1, **line} for k, line in enumerate(lines)]
         steps.append({"step": step, "hidden_channels": hidden_channels(model),
                       "parameters": count_params(model), "pruned": pruned,
                       "fine_tuned": {k: v for k, v in lines[-1].items() if k.startswith("val_")} if lines else pruned})
+    after = {**model_size(model, meta), **validate(ft.run(model, pruned_config(meta.student, model)))}
     model = model.cpu().eval()
-    after = {**model_size(model, meta), **val_metrics(model, ft, cfg.batch_size)}
     latency = _latency_before_after(original, model, meta, cfg.latency_runs)
     summary = {"out": str(out), "student": str(cfg.student), "amount": cfg.amount, "steps": cfg.steps,
                "epochs_per_step": cfg.epochs, "criterion": CRITERION,
@@ -277,12 +243,17 @@ def prune_student(cfg: PruneConfig, progress: Progress | None = None) -> dict:
                "latency": latency["about"], "per_step": steps,
                "images": {"train": int((~ft.data.is_val).sum()), "val": int(ft.data.is_val.sum())}}
     _save_run(out, model, meta, cfg, summary, history)
-    summary["file_bytes"] = (out / MODEL).stat().st_size
+    summary["file_bytes"] = (out / MODEL_FILE).stat().st_size
     return summary
 
 
-def _check_prunable(model: nn.Module, meta: dict) -> None:
-    name = meta["student"]["name"]
+def pruned_config(student: StudentConfig, model: nn.Module) -> StudentConfig:
+    """``student`` as ``model`` now is: the pruned architecture, with its kept widths."""
+    return replace(student, name=PRUNED_NAME, hidden_channels=hidden_channels(model))
+
+
+def _check_prunable(model: nn.Module, meta: StudentFile) -> None:
+    name = meta.student.name
     if name not in ("mobilenetv2", PRUNED_NAME) or not expanded_blocks(model):
         raise DistillError(f"pruning works on mobilenetv2 students, got {name!r}: "
                            "train one with --student mobilenetv2")
@@ -296,20 +267,19 @@ def resolve_out(cfg: PruneConfig) -> Path:
         run = Path(cfg.student)
         run = run.parent if run.suffix == ".pt" else run
         out = run.with_name(f"{run.name}-pruned{round(cfg.amount * 100)}")
-    if (out / MODEL).exists():
+    if (out / MODEL_FILE).exists():
         raise DistillError(f"{out} already holds a student: pass another --out or delete it")
     return out
 
 
-def model_size(model: nn.Module, meta: dict) -> dict:
-    size = int(meta["student"]["image_size"])
-    return {"parameters": int(count_params(model)), "macs": int(count_macs(model, size))}
+def model_size(model: nn.Module, meta: StudentFile) -> dict:
+    return {"parameters": int(count_params(model)), "macs": int(count_macs(model, meta.image_size))}
 
 
-def _latency_before_after(original: nn.Module, pruned: nn.Module, meta: dict, runs: int) -> dict:
+def _latency_before_after(original: nn.Module, pruned: nn.Module, meta: StudentFile, runs: int) -> dict:
     """CPU latency of both models at batch 1 and 32, measured interleaved (a shared machine's
     noise then hits both alike)."""
-    size = int(meta["student"]["image_size"])
+    size = meta.image_size
     candidates = [torch_candidate("before", original.cpu().eval(), size),
                   torch_candidate("after", pruned, size)]
     ms = interleaved_latency(candidates, batches=(1, 32), runs=runs)
@@ -322,16 +292,16 @@ def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 2) if b and math.isfinite(a / b) else None
 
 
-def _save_run(out: Path, model: nn.Module, meta: dict, cfg: PruneConfig, summary: dict,
+def _save_run(out: Path, model: nn.Module, meta: StudentFile, cfg: PruneConfig, summary: dict,
               history: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    student = {**meta["student"], "name": PRUNED_NAME, "hidden_channels": hidden_channels(model)}
     after = summary["after"]
-    metrics = {k: after[k] for k in ("val_loss", "val_accuracy", "val_agreement")}
     pruning = {k: summary[k] for k in ("amount", "steps", "epochs_per_step", "criterion",
                                         "hidden_channels_before", "hidden_channels", "before", "after")}
-    save_student(out / MODEL, model, {**meta, "student": student, "metrics": metrics,
-                                      "pruning": {**pruning, "from": str(cfg.student), "config": asdict(cfg)}})
-    (out / CONFIG).write_text(json.dumps({**(meta.get("config") or {}), "pruning": asdict(cfg)}, indent=2) + "\n",
-                              encoding="utf-8")
-    (out / METRICS).write_text("".join(json.dumps(m) + "\n" for m in history), encoding="utf-8")
+    save_student(out / MODEL_FILE, model, replace(
+        meta, student=pruned_config(meta.student, model),
+        metrics={k: after[k] for k in ("val_loss", "val_accuracy", "val_agreement")},
+        pruning={**pruning, "from": str(cfg.student), "config": asdict(cfg)}))
+    (out / CONFIG_FILE).write_text(json.dumps({**meta.config, "pruning": asdict(cfg)}, indent=2) + "\n",
+                                   encoding="utf-8")
+    (out / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in history), encoding="utf-8")

@@ -1,0 +1,93 @@
+"""The flags of ``distill train``: the configuration, its checks, and what ``--resume`` may change."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+from ..errors import DistillError
+from ..teachers.spec import DEFAULT_LOCAL
+from .losses import LOSSES
+
+log = logging.getLogger(__name__)
+
+# What --resume may change; the rest is the run's. accum_steps and the number of processes only
+# change how each batch is cut up, not what it is.
+RESUME_OVERRIDES = ("epochs", "device", "num_workers", "accum_steps", "compile")
+
+# progress(epoch, step, steps, info): epoch 0 is preparation (info["phase"] "images" or
+# "pixels"); epochs 1..N report "train" steps, then one "epoch" call with the epoch's metrics.
+Progress = Callable[[int, int, int, dict], None]
+
+
+@dataclass
+class TrainConfig:
+    """The flags of ``distill train`` (SPEC "Training"); written resolved to ``config.json``."""
+
+    images: str
+    db: str | None = None  # default: $DISTILL_DB or ./distill.db
+    teachers: list[str] = field(default_factory=lambda: [DEFAULT_LOCAL])  # SPEC[@WEIGHT]
+    label_map: str | None = None
+    other: bool = False
+    max_classes: int | None = None
+    student: str = "mobilenetv2"
+    width: float = 1.0
+    image_size: int = 224
+    epochs: int = 10
+    batch_size: int = 64  # images per optimizer step, over all processes and accumulation steps
+    lr: float = 2e-3  # peak, AdamW
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0  # linear warm-up, then cosine; fractions allowed
+    targets: str = "soft"  # soft | hard (one-hot teacher argmax: the baseline)
+    loss: str = "mse"  # mse | kl
+    temperature: float = 1.0
+    hard_weight: float = 0.0
+    out: str | None = None  # default runs/<student>-<n>, next free n
+    device: str = "auto"
+    resume: bool = False
+    seed: int = 0
+    val_fraction: float = 0.1
+    num_workers: int = 0
+    pretrained: bool = False
+    init: str | None = None
+    accum_steps: int = 1  # forward passes per optimizer step: each sees batch_size / (processes * this)
+    compile: bool = False  # torch.compile the student (falls back to eager, with a warning, if it fails)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """DistillError, echoing the value, for anything out of range."""
+    checks = [
+        (cfg.epochs >= 1, f"--epochs must be at least 1, got {cfg.epochs}"),
+        (cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}"),
+        (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
+        (cfg.weight_decay >= 0, f"weight decay must be >= 0, got {cfg.weight_decay}"),
+        (cfg.warmup_epochs >= 0, f"warm-up epochs must be >= 0, got {cfg.warmup_epochs}"),
+        (cfg.targets in ("soft", "hard"), f"--targets must be soft or hard, got {cfg.targets!r}"),
+        (cfg.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}"),
+        (cfg.temperature > 0, f"--temperature must be positive, got {cfg.temperature}"),
+        (cfg.hard_weight >= 0, f"--hard-weight must be >= 0, got {cfg.hard_weight}"),
+        (0 < cfg.val_fraction < 1, f"validation fraction must be between 0 and 1, got {cfg.val_fraction}"),
+        (cfg.num_workers >= 0, f"--workers must be >= 0, got {cfg.num_workers}"),
+        (cfg.accum_steps >= 1, f"--accum-steps must be at least 1, got {cfg.accum_steps}"),
+        (cfg.max_classes is None or cfg.max_classes >= 2, f"--max-classes must be at least 2, got {cfg.max_classes}"),
+        (bool(cfg.teachers), "at least one --teacher is needed"),
+        (cfg.seed >= 0, f"--seed must be >= 0, got {cfg.seed}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise DistillError(message)
+
+
+def resumed_config(cfg: TrainConfig, ckpt: dict, out: Path) -> TrainConfig:
+    """The checkpoint's configuration, with only RESUME_OVERRIDES taken from ``cfg``."""
+    saved = {k: v for k, v in ckpt["config"].items() if k in {f.name for f in fields(TrainConfig)}}
+    merged = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in RESUME_OVERRIDES}, "resume": True, "out": str(out)})
+    if cfg.epochs != saved.get("epochs"):
+        log.info("--resume with %d epochs instead of %s: the cosine schedule is stretched from here on",
+                 cfg.epochs, saved.get("epochs"))
+    for f in fields(TrainConfig):
+        if f.name not in RESUME_OVERRIDES + ("resume", "out") and getattr(cfg, f.name) != getattr(merged, f.name):
+            log.warning("--resume keeps the run's %s=%r (ignoring %r)", f.name, getattr(merged, f.name), getattr(cfg, f.name))
+    return merged
