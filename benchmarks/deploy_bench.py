@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from cache import open_store
-from distill_app.training.checkpoint import load_student
+from distill_app.training.checkpoint import open_student
 from distill_app.deploy.evaluate import teacher_targets
 from distill_app.teachers.spec import first_teacher
 from distill_app.deploy.export import (deployment_metadata, folder_images, load_torchscript, predict_all,
@@ -63,7 +63,7 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="distill-deploy-"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    model, meta = load_student(args.run)
+    model, meta = open_student(args.run)
     val = folder_images(args.val, meta)
     log(f"{len(val.x)} evaluation images from {args.val}; scratch folder {work}")
 
@@ -81,9 +81,9 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def build_candidates(args, model, meta: dict, work: Path) -> tuple[list[Candidate], Candidate | None, dict]:
+def build_candidates(args, model, meta, work: Path) -> tuple[list[Candidate], Candidate | None, dict]:
     """The student in every form (fp32/int8, PyTorch/ONNX/TorchScript, pruned), and the teacher."""
-    size, threads = int(meta["student"]["image_size"]), args.threads
+    size, threads = meta.image_size, args.threads
     calib = folder_images(args.train, meta, args.calib)
     log(f"calibration: {calib.source}")
     onnx_fp32 = write_fp32("onnx", model, work / "model.onnx", size, deployment_metadata(meta), threads)
@@ -99,7 +99,7 @@ def build_candidates(args, model, meta: dict, work: Path) -> tuple[list[Candidat
     log(f"pruning {args.amount:.0%} of the hidden channels, fine-tuning {args.prune_epochs} epochs ...")
     summary = prune_student(PruneConfig(student=args.run, amount=args.amount, epochs=args.prune_epochs,
                                         images=args.train, db=args.db, out=str(work / "pruned"), device="cpu"))
-    pruned, pmeta = load_student(work / "pruned")
+    pruned, pmeta = open_student(work / "pruned")
     write_fp32("onnx", pruned, work / "pruned.onnx", size, deployment_metadata(pmeta), threads)
     quantize_onnx(work / "pruned.onnx", work / "pruned.int8.onnx", calib.x, deployment_metadata(pmeta))
     students += [torch_candidate(f"pruned {args.amount:.0%} PyTorch", pruned, size, summary["file_bytes"]),
@@ -131,7 +131,7 @@ def teacher_candidates(spec: str, work: Path, threads: int) -> list[Candidate]:
     return [torch_candidate("teacher PyTorch", module, size), onnx_candidate("teacher ONNX", path, size, threads)]
 
 
-def measure(students: list[Candidate], teachers: list[Candidate], val, meta: dict, args) -> list[dict]:
+def measure(students: list[Candidate], teachers: list[Candidate], val, meta, args) -> list[dict]:
     """Accuracy and agreements on ``val``, then interleaved latency of everything."""
     teacher_top1, rows_with_answer, teacher_acc = stored_teacher_top1(args.db, meta, val)
     reference = None
@@ -160,9 +160,9 @@ def measure(students: list[Candidate], teachers: list[Candidate], val, meta: dic
     return rows
 
 
-def stored_teacher_top1(db: str, meta: dict, val) -> tuple[np.ndarray, np.ndarray, float | None]:
+def stored_teacher_top1(db: str, meta, val) -> tuple[np.ndarray, np.ndarray, float | None]:
     """(teacher top-1 per answered image, their rows in ``val``, the teacher's accuracy there)."""
-    spec = first_teacher(meta.get("teachers"))
+    spec = first_teacher(meta.teachers)
     store = open_store(db)
     try:
         row = store.find_teacher(spec)

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from distill_app.training.checkpoint import load_student
+from distill_app.training.checkpoint import open_student
 from distill_app.training.trainer import TrainConfig, train
 from test_train import make_dataset, store_answers
 
@@ -58,8 +58,8 @@ def test_two_processes_train_like_one_accumulating_and_resume(dataset):
     assert len(json_lines) == 1, first.stdout  # rank 0 alone prints
     assert json.loads(json_lines[0])["epochs"] == 1
     assert len((dataset / "two/metrics.jsonl").read_text().splitlines()) == 1
-    model, meta = load_student(dataset / "two")
-    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, len(meta["classes"]))
+    model, meta = open_student(dataset / "two")
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, len(meta.classes))
 
     # --resume under torchrun: every process loads last.pt, and the run goes on as one process's does.
     one_process(epochs=2, out="one", resume=True)

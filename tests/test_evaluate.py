@@ -8,13 +8,15 @@ import json
 from pathlib import Path
 
 import numpy as np
+from dataclasses import replace
+
 import pytest
 import torch
 from PIL import Image
 
 from cache import ImageRow, Response, open_store
 from conftest import decisive_student, save_test_student
-from distill_app.training.checkpoint import load_student, save_student
+from distill_app.training.checkpoint import open_student, save_student
 from distill_app.errors import DistillError
 from distill_app.deploy.evaluate import LatencyOptions, calibration, evaluate, fidelity
 from distill_app.deploy.report import write_report
@@ -68,9 +70,9 @@ def workspace(tmp_path, monkeypatch, student):
 
 def _manual_predictions(ws) -> dict[str, int]:
     """sha -> the student's argmax, computed image by image outside evaluate()."""
-    model, meta = load_student(ws["run"])
-    mean = torch.tensor(meta["student"]["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(meta["student"]["std"]).view(1, 3, 1, 1)
+    model, meta = open_student(ws["run"])
+    mean = torch.tensor(meta.student.mean).view(1, 3, 1, 1)
+    std = torch.tensor(meta.student.std).view(1, 3, 1, 1)
     out = {}
     for path, _, sha in ws["files"]:
         pixels = np.array(load_pixels([sha], [path], 32))
@@ -119,7 +121,7 @@ def test_metrics_match_a_manual_computation(workspace):
     assert 0.0 <= result["calibration"]["ece"] <= 1.0
     assert sum(b["n"] for b in result["calibration"]["reliability"]) == n
     model = result["model"]
-    assert model["parameters"] == count_params(load_student(workspace["run"])[0])
+    assert model["parameters"] == count_params(open_student(workspace["run"])[0])
     assert model["macs"] > 0
     assert model["file_bytes"] == (workspace["run"] / "model.pt").stat().st_size
     assert result["latency"] is None
@@ -160,8 +162,8 @@ def test_latency_and_report(workspace, tmp_path):
 def test_teacher_targets_follow_the_stored_label_map(workspace, student):
     # A map that swaps car and cat: the teacher's "cat" mass now feeds the class car.
     swap = {"car": ["cat"], "cat": ["car"], "dog": ["dog"]}
-    _, meta = load_student(workspace["run"])
-    save_student(workspace["run"] / "model.pt", student, {**meta, "label_map": swap})
+    _, meta = open_student(workspace["run"])
+    save_student(workspace["run"] / "model.pt", student, replace(meta, label_map=swap))
     result = evaluate(workspace["run"], workspace["images"], db_path=workspace["db"], latency=False)
 
     predicted = _manual_predictions(workspace)

@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import decisive_student, save_test_student, store_folder_answers
-from distill_app.training.checkpoint import load_student
+from distill_app.training.checkpoint import open_student
 from distill_app.cli import app
 from distill_app.errors import DistillError
 from distill_app.deploy.export import ExportConfig, export_student, load_torchscript, normalise
@@ -54,7 +54,7 @@ def test_onnx_round_trip_dynamic_batch_and_metadata(run, photos):
 
     session = onnx_session(path, threads=1)
     assert session.get_inputs()[0].name == "input"
-    model, _ = load_student(run)
+    model, _ = open_student(run)
     x = photo_batch(photos)
     for batch in (1, 3):  # the batch axis is dynamic
         got = session.run(None, {"input": x[:batch]})[0]
@@ -80,7 +80,7 @@ def test_torchscript_round_trip_with_metadata(run, tmp_path):
     assert "random" in result["check"]["inputs"]
     module, metadata = load_torchscript(out)
     assert metadata["classes"] == CLASSES and metadata["preprocessing"]["image_size"] == SIZE
-    model, _ = load_student(run)
+    model, _ = open_student(run)
     x = torch.randn(3, 3, SIZE, SIZE)
     with torch.no_grad():
         torch.testing.assert_close(module(x), model(x), atol=1e-4, rtol=1e-4)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dataclasses import replace
+
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from conftest import store_folder_answers
-from distill_app.training.checkpoint import load_student, save_student
+from distill_app.training.checkpoint import open_student, save_student
 from distill_app.cli import app
 from distill_app.errors import DistillError
 from distill_app.deploy.prune import PruneConfig, channel_scores, prune_student, prune_to, target_widths
@@ -88,9 +90,9 @@ def test_prune_student_fine_tunes_saves_and_reloads(workspace, tmp_path):
     assert result["latency"]["threads"] == 1
     assert result["file_bytes"] < (workspace["run"] / "model.pt").stat().st_size
 
-    model, meta = load_student(out)  # rebuilt from name + weights, no extra code at the call site
-    assert meta["student"]["name"] == PRUNED_NAME
-    assert hidden_channels(model) == result["hidden_channels"] == meta["student"]["hidden_channels"]
+    model, meta = open_student(out)  # rebuilt from name + weights, no extra code at the call site
+    assert meta.student.name == PRUNED_NAME
+    assert hidden_channels(model) == result["hidden_channels"] == meta.student.hidden_channels
     assert count_params(model) == after["parameters"]
     assert model(torch.randn(1, 3, SIZE, SIZE)).shape == (1, len(CLASSES))
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -113,8 +115,8 @@ def test_user_errors(workspace, tmp_path):
         prune_student(PruneConfig(student=str(workspace["run"]), out=str(workspace["run"])))
     timm_run = tmp_path / "timm"
     timm_run.mkdir()
-    _, meta = load_student(workspace["run"])
-    meta["student"].update(name="resnet10t", width=1.0)
+    _, meta = open_student(workspace["run"])
+    meta = replace(meta, student=replace(meta.student, name="resnet10t", width=1.0))
     save_student(timm_run / "model.pt", create_student("resnet10t", 2, image_size=SIZE), meta)
     with pytest.raises(DistillError, match="mobilenetv2"):
         prune_student(PruneConfig(student=str(timm_run)))

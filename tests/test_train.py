@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from cache import ImageRow, Response, open_store
-from distill_app.training.checkpoint import load_student
+from distill_app.training.checkpoint import open_student
 from distill_app.training.distributed import Ranks
 from distill_app.errors import DistillError
 from distill_app.data.images import sha256_bytes
@@ -104,11 +104,11 @@ def test_train_writes_a_complete_run_folder(dataset):
     assert summary["images"]["train"] + summary["images"]["val"] == 24
     assert summary["images"]["val"] >= 1 and summary["skipped"] == 2 and summary["classes"] == 4
     assert summary["best_epoch"] in (1, 2)
-    model, meta = load_student(out)
-    assert set(meta["classes"][:3]) == set(TEACHER_LABELS.values())  # most mass first
-    assert meta["classes"][3] == "window screen"
-    assert meta["teachers"] == [TEACHER] and meta["student"]["image_size"] == 32
-    assert meta["student"]["mean"] == [0.485, 0.456, 0.406]
+    model, meta = open_student(out)
+    assert set(meta.classes[:3]) == set(TEACHER_LABELS.values())  # most mass first
+    assert meta.classes[3] == "window screen"
+    assert meta.teachers == [TEACHER] and meta.student.image_size == 32
+    assert list(meta.student.mean) == [0.485, 0.456, 0.406]
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
     saved = json.loads((out / "config.json").read_text())
     assert saved["teachers"] == [TEACHER] and saved["out"] == summary["out"]
@@ -155,10 +155,10 @@ def test_ensemble_with_label_map_and_other(dataset):
     (dataset / "map.toml").write_text('warm = ["Fire Engine"]\ncool = ["re:(green|blue) .*"]\n')
     summary = train(config(dataset, epochs=1, teachers=["local", "hf:acme/vit@0.5"],
                            label_map=str(dataset / "map.toml"), other=True, out="ens"))
-    _, meta = load_student(dataset / "ens")
-    assert meta["classes"] == ["warm", "cool", "other"]
-    assert meta["teachers"] == [TEACHER, "hf:acme/vit@0.5"]
-    assert meta["label_map"] == {"warm": ["Fire Engine"], "cool": ["re:(green|blue) .*"]}
+    _, meta = open_student(dataset / "ens")
+    assert meta.classes == ["warm", "cool", "other"]
+    assert meta.teachers == [TEACHER, "hf:acme/vit@0.5"]
+    assert meta.label_map == {"warm": ["Fire Engine"], "cool": ["re:(green|blue) .*"]}
     assert summary["classes"] == 3
 
 

@@ -13,7 +13,7 @@ import torch
 
 from conftest import store_folder_answers
 from distill_app.training import checkpoint as checkpoint
-from distill_app.training.checkpoint import atomic_save, load_student
+from distill_app.training.checkpoint import atomic_save, open_student
 
 
 def test_sigkill_then_resume(photos, tmp_path):
@@ -40,7 +40,7 @@ def test_sigkill_then_resume(photos, tmp_path):
     assert summary["epochs"] == done + 1
     lines = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert [x["epoch"] for x in lines] == list(range(1, done + 2))  # continued, not restarted
-    load_student(tmp_path / "run")
+    open_student(tmp_path / "run")
     assert not list((tmp_path / "run").glob(".*.tmp"))  # a write the kill cut short is cleaned up
 
 

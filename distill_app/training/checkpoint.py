@@ -110,16 +110,6 @@ def read_student(path: str | os.PathLike) -> dict:
     return blob
 
 
-def load_student(path: str | os.PathLike) -> tuple[torch.nn.Module, dict]:
-    """(model in eval mode on CPU, metadata) from a run folder or ``model.pt``."""
-    blob = read_student(path)
-    s = blob["student"]
-    model = create_student(s["name"], num_classes=s["num_classes"], width=s["width"],
-                           image_size=s["image_size"])
-    model.load_state_dict(blob.pop("state_dict"))
-    return model.eval(), blob
-
-
 def open_student(path: str | os.PathLike) -> tuple[torch.nn.Module, StudentFile]:
     """(model in eval mode on CPU, its :class:`StudentFile`) from a run folder or ``model.pt``."""
     blob = read_student(path)
