@@ -120,6 +120,8 @@ def train(
                                    "caches or a download; else random init, with a notice), on (fail without), off."),
     init: Optional[Path] = typer.Option(None, help="Initial weights file for the student (a state dict; may carry "
                                         "its normalize mean/std)."),
+    backbone_lr: float = typer.Option(1.0, min=0.0, help="With pretrained weights: the backbone's learning rate "
+                                      "as a multiple of --lr (the new head gets --lr)."),
     accum_steps: int = typer.Option(1, min=1, help="Forward passes per optimizer step (gradient accumulation): "
                                     "each sees batch-size / (processes x N) images."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the student: for GPUs, slower on CPU (warns and runs without if it fails)."),
@@ -146,6 +148,7 @@ def train(
         batch_size=batch_size, lr=lr, targets=targets, loss=loss, temperature=temperature,
         hard_weight=hard_weight, out=str(out) if out else None, device=device, resume=resume,
         seed=seed, num_workers=workers, pretrained=pretrained, init=str(init) if init else None,
+        backbone_lr=backbone_lr,
         accum_steps=accum_steps, compile=compile_model,
     )
     if not is_main_process():  # under torchrun, rank 0 alone shows progress and prints

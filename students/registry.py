@@ -165,7 +165,7 @@ def load_init(model: nn.Module, path: str) -> Weights:
     provenance, with the file's own ``normalize`` (mean, std) when it carries one."""
     state, extras = read_weights(path, "init")
     norm = normalisation(extras)
-    head = _classifier_prefix(model)
+    head = classifier_prefix(model)
     own = model.state_dict()
     differ = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     skipped = [k for k in differ if head and k.startswith(head)]
@@ -187,7 +187,7 @@ def load_init(model: nn.Module, path: str) -> Weights:
     return Weights(f"init:{path}", *norm) if norm else Weights(f"init:{path}")
 
 
-def _classifier_prefix(model: nn.Module) -> str:
+def classifier_prefix(model: nn.Module) -> str:
     """Name prefix of the last Linear layer (``"classifier.1."``, ``"fc."``); "" if none."""
     last = ""
     for name, module in model.named_modules():

@@ -269,6 +269,7 @@ def model_facts(model: torch.nn.Module, meta: StudentFile, student_dir: str | os
         path = path / MODEL_FILE
     return {
         "name": s.name, "width": s.width, "image_size": s.image_size, "num_classes": s.num_classes,
+        "mean": list(s.mean), "std": list(s.std), "weights": (meta.weights or {}).get("source"),
         "parameters": int(count_params(model)),
         "macs": int(count_macs(model, s.image_size)),
         "file_bytes": path.stat().st_size,

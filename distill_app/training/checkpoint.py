@@ -11,7 +11,8 @@ Layout (plain Python types only, so it loads with ``torch.load(weights_only=True
      "metrics": {...},                # best validation metrics
      "config": {...},                 # the resolved training configuration
      "label_map": {...} | None,       # class -> teacher labels, as trained
-     "pruning": {...} | None}         # what `distill prune` did, for pruned students
+     "pruning": {...} | None,         # what `distill prune` did, for pruned students
+     "weights": {...} | None}         # the initial weights: source, mean, std, note
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class StudentFile:
     config: dict = field(default_factory=dict)  # the resolved training configuration
     label_map: dict | None = None  # class -> teacher labels (None: the teacher's own vocabulary)
     pruning: dict | None = None  # for pruned students: amount, widths, before/after
+    weights: dict | None = None  # where the initial weights came from (students.Weights.to_dict)
 
     @property
     def image_size(self) -> int:
@@ -52,13 +54,13 @@ class StudentFile:
     def to_dict(self) -> dict:
         return {"format": FORMAT, "student": self.student.to_dict(), "classes": list(self.classes),
                 "teachers": list(self.teachers), "metrics": dict(self.metrics), "config": dict(self.config),
-                "label_map": self.label_map, "pruning": self.pruning}
+                "label_map": self.label_map, "pruning": self.pruning, "weights": self.weights}
 
     @classmethod
     def from_dict(cls, blob: dict) -> StudentFile:
         return cls(StudentConfig.from_dict(blob["student"]), list(blob["classes"]), list(blob.get("teachers") or []),
                    dict(blob.get("metrics") or {}), dict(blob.get("config") or {}), blob.get("label_map"),
-                   blob.get("pruning"))
+                   blob.get("pruning"), blob.get("weights"))
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:

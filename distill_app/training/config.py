@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
+from students import PRETRAINED_MODES
+
 from ..errors import DistillError
 from ..teachers.spec import DEFAULT_LOCAL
 from .losses import LOSSES
@@ -50,8 +52,9 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.1
     num_workers: int = 0
-    pretrained: bool = False
-    init: str | None = None
+    pretrained: str = "auto"  # auto | on | off: ImageNet weights (students.pretrained)
+    init: str | None = None  # a weights file to start from (may carry its normalize mean/std)
+    backbone_lr: float = 1.0  # with pretrained weights: the backbone's learning rate, times --lr (head: 1x)
     accum_steps: int = 1  # forward passes per optimizer step: each sees batch_size / (processes * this)
     compile: bool = False  # torch.compile the student (falls back to eager, with a warning, if it fails)
 
@@ -74,6 +77,9 @@ def check_config(cfg: TrainConfig) -> None:
         (cfg.max_classes is None or cfg.max_classes >= 2, f"--max-classes must be at least 2, got {cfg.max_classes}"),
         (bool(cfg.teachers), "at least one --teacher is needed"),
         (cfg.seed >= 0, f"--seed must be >= 0, got {cfg.seed}"),
+        (cfg.pretrained in PRETRAINED_MODES, f"--pretrained must be one of {', '.join(PRETRAINED_MODES)}, "
+                                             f"got {cfg.pretrained!r}"),
+        (0 < cfg.backbone_lr <= 1, f"--backbone-lr must be in (0, 1] (a multiple of --lr), got {cfg.backbone_lr}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -83,6 +89,8 @@ def check_config(cfg: TrainConfig) -> None:
 def resumed_config(cfg: TrainConfig, ckpt: dict, out: Path) -> TrainConfig:
     """The checkpoint's configuration, with only RESUME_OVERRIDES taken from ``cfg``."""
     saved = {k: v for k, v in ckpt["config"].items() if k in {f.name for f in fields(TrainConfig)}}
+    if isinstance(saved.get("pretrained"), bool):  # runs from before auto|on|off
+        saved["pretrained"] = "on" if saved["pretrained"] else "off"
     merged = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in RESUME_OVERRIDES}, "resume": True, "out": str(out)})
     if cfg.epochs != saved.get("epochs"):
         log.info("--resume with %d epochs instead of %s: the cosine schedule is stretched from here on",

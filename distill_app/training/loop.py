@@ -12,7 +12,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from students import StudentConfig
+from students import StudentConfig, Weights, classifier_prefix
+from students.pretrained import RANDOM
 
 from ..data.pixels import PixelBatches, to_input
 from ..data.targets import one_hot
@@ -50,6 +51,7 @@ class Run:
     best: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     compiling: bool = False  # torch.compile not yet proven on a first step
+    weights: Weights = RANDOM  # where the initial weights came from (recorded in model.pt and last.pt)
 
     @property
     def device(self) -> torch.device:
@@ -77,12 +79,20 @@ class Run:
                               enabled=self.device.type == "cuda")
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
+                   backbone_lr: float = 1.0) -> torch.optim.Optimizer:
     """AdamW; as nanoGPT, weight decay on weight matrices and kernels only, never on norms and biases.
+    ``backbone_lr`` < 1 gives every layer but the classifier (the last Linear) that multiple of the
+    learning rate (its groups' ``lr_scale``): pretrained features move slowly, the new head fast.
     The fused kernel (CPU and CUDA) does the whole update in one pass: ~4x faster than the loop."""
-    params = list(model.parameters())
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    head = classifier_prefix(model) if backbone_lr != 1.0 else ""
+    groups = []
+    for scale, named in ((backbone_lr, [(n, p) for n, p in model.named_parameters() if not (head and n.startswith(head))]),
+                         (1.0, [(n, p) for n, p in model.named_parameters() if head and n.startswith(head)])):
+        params = [p for _, p in named]
+        groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, "lr_scale": scale},
+                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr_scale": scale}]
+    groups = [g for g in groups if g["params"]]
     try:
         return torch.optim.AdamW(groups, lr=lr, fused=True)
     except RuntimeError:  # a device without the fused kernel
@@ -113,15 +123,15 @@ def check_batches(cfg: TrainConfig, data: TrainData, ranks: Ranks) -> None:
 
 
 def new_run(cfg: TrainConfig, data: TrainData, pixels: np.ndarray, student: StudentConfig,
-            model: torch.nn.Module, ranks: Ranks) -> Run:
-    """A run at step 0 around ``model`` (already on ``ranks.device``): a fresh optimizer, the
-    targets on the device, the wrappers ``cfg`` asks for. Training it needs :func:`check_batches`
-    first; evaluating it does not."""
+            model: torch.nn.Module, ranks: Ranks, pretrained: bool = False) -> Run:
+    """A run at step 0 around ``model`` (already on ``ranks.device``): a fresh optimizer (with
+    ``cfg.backbone_lr`` when the weights are ``pretrained``), the targets on the device, the
+    wrappers ``cfg`` asks for. Training it needs :func:`check_batches` first; evaluating it does not."""
     n_train, parts = int((~data.is_val).sum()), ranks.world * cfg.accum_steps
     device = ranks.device
     targets = data.soft_targets if cfg.targets == "soft" else one_hot(data.teacher_top1, len(data.classes))
     net, ddp = wrap_model(model, cfg, ranks)
-    return Run(cfg, data, pixels, student, model, net, ddp, make_optimizer(model, cfg.lr, cfg.weight_decay), ranks,
+    return Run(cfg, data, pixels, student, model, net, ddp, make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.backbone_lr if pretrained else 1.0), ranks,
                torch.from_numpy(targets).to(device), torch.from_numpy(data.hard_labels).to(device),
                torch.from_numpy(data.teacher_top1).to(device), compiling=cfg.compile,
                steps_per_epoch=len(epoch_batches(np.arange(n_train), cfg.batch_size, 0, 0, min_size=2 * parts)))
@@ -177,7 +187,7 @@ def train_epoch(run: Run, epoch: int, progress: Progress | None) -> dict:
     for micro, (x, idx) in zip(plan, loader):
         lr = get_lr(run.step, total_steps, warmup, cfg.lr)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         loss = (_compiled_step if run.compiling else micro_step)(run, micro, x, idx)
         loss_sum += loss.detach() * len(idx)
         seen += len(idx)

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from students import StudentConfig, create_student
+from students import StudentConfig, Weights, build_student
+from students.pretrained import RANDOM
 
 from ..data.pixels import load_pixels
 from ..errors import DistillError
@@ -88,21 +89,30 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def build_run(cfg: TrainConfig, data: TrainData, pixels: np.ndarray, ckpt: dict | None, ranks: Ranks) -> Run:
-    """Model, optimizer and device tensors; restored from ``ckpt`` when resuming."""
+    """Model, optimizer and device tensors; restored from ``ckpt`` when resuming (its weights'
+    provenance too: a resumed run looks for no weights)."""
     check_batches(cfg, data, ranks)
     torch.manual_seed(cfg.seed)  # the initial weights
     try:
-        model = create_student(cfg.student, len(data.classes), cfg.width, cfg.image_size, cfg.pretrained, cfg.init)
+        if ckpt is None:
+            model, weights = build_student(cfg.student, len(data.classes), cfg.width, cfg.image_size,
+                                           cfg.pretrained, cfg.init)
+        else:
+            model, _ = build_student(cfg.student, len(data.classes), cfg.width, cfg.image_size, "off")
+            weights = Weights(**ckpt["weights"]) if "weights" in ckpt else RANDOM
     except ValueError as e:
         raise DistillError(str(e)) from None
+    if weights.note and ckpt is None and ranks.main:
+        log.warning("%s", weights.note)
     model = model.to(ranks.device, memory_format=torch.channels_last)
     if ckpt is not None:
         if ckpt["classes"] != data.classes:
             raise DistillError(f"the classes differ from the checkpoint's in {cfg.out} (new answers or label map?): "
                                "start a new run with another --out")
         model.load_state_dict(ckpt["model"])
-    student = StudentConfig(cfg.student, len(data.classes), cfg.width, cfg.image_size)
-    run = new_run(cfg, data, pixels, student, model, ranks)
+    student = StudentConfig(cfg.student, len(data.classes), cfg.width, cfg.image_size, weights.mean, weights.std)
+    run = new_run(cfg, data, pixels, student, model, ranks, pretrained=weights.pretrained)
+    run.weights = weights
     if ckpt is not None:
         run.optimizer.load_state_dict(ckpt["optimizer"])
         run.step, run.epoch, run.best, run.history = ckpt["step"], ckpt["epoch"], ckpt["best"], ckpt["history"]
@@ -117,14 +127,15 @@ def save_checkpoint(run: Run, path: Path) -> None:
     """
     atomic_save({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "step": run.step,
                  "epoch": run.epoch, "best": run.best, "history": run.history, "classes": run.data.classes,
-                 "config": asdict(run.cfg)}, path)
+                 "config": asdict(run.cfg), "weights": run.weights.to_dict()}, path)
 
 
 def student_file(run: Run, metrics: dict) -> StudentFile:
     """What model.pt holds besides the weights, with the label map eval needs."""
     cfg, data = run.cfg, run.data
     return StudentFile(run.student, list(data.classes), [normalise_teacher(t) for t in cfg.teachers],
-                       dict(metrics), asdict(cfg), data.label_map.to_dict() if data.label_map else None)
+                       dict(metrics), asdict(cfg), data.label_map.to_dict() if data.label_map else None,
+                       weights=run.weights.to_dict())
 
 
 def end_epoch(run: Run, metrics: dict, out: Path) -> None:
@@ -153,7 +164,7 @@ def summarize(run: Run, out: Path, seconds: float) -> dict:
             "val_loss": best.get("val_loss"),
             "images": {"train": int((~data.is_val).sum()), "val": int(data.is_val.sum())},
             **data.counts, "classes": len(data.classes),
-            "teachers": [normalise_teacher(t) for t in run.cfg.teachers],
+            "teachers": [normalise_teacher(t) for t in run.cfg.teachers], "weights": run.weights.source,
             "seconds": round(seconds, 2), "images_per_s": round(float(np.mean(throughput)), 1) if throughput else None}
 
 
