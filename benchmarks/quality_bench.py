@@ -1,27 +1,32 @@
-"""Student quality from a realistic API teacher: soft vs hard targets at equal numbers of calls.
+"""Student quality for the calls paid: random init against ImageNet init, at 500, 1,000 and 4,000 calls.
 
 The local EfficientNet-Lite0 is served by `distill serve-teacher` in the Hugging Face wire
-format, answering only its top 5 labels (what the real Inference API returns by default), and
-harvested over HTTP with `distill harvest --teacher hf:...` into this benchmark's own store.
-A label map (benchmarks/imagenette_labels.toml) maps ImageNet labels onto Imagenette's ten
-folders. For each call budget B, the students see the first B training images in hash order
-(a random, repeatable subset) and are trained for the same number of optimizer steps, once on
-the teacher's soft targets and once on its argmax (hard) labels. All are evaluated on val.
+format, answering only its top 5 labels (what the Inference API returns by default), and
+harvested over HTTP with `distill harvest --teacher hf:...` into this benchmark's own store
+(cached in --work: reruns pay for nothing). A label map (benchmarks/imagenette_labels.toml) maps
+ImageNet labels onto Imagenette's ten folders. For a budget of B calls the students see the
+first B training photos in hash order (a random, repeatable subset; the other 4,000 - B stay
+unanswered as far as training is concerned) and are evaluated on the 1,000 val photos.
 
-    python benchmarks/quality_bench.py                         # defaults below, ~1 h on 2 busy cores
-    python benchmarks/quality_bench.py --budgets 500 --steps 300   # a quick look
+Recipes (product defaults except what is named):
+  random      MobileNetV2 x0.5 at 112 px, --pretrained off
+  imagenet    MobileNetV2 x1.0 at 112 px, --init ../shared/weights/mobilenetv2_100_imagenet.pt
+  imagenet64  MobileNetV2 x1.0 at 64 px, the same init: about the MACs of x0.5 at 112 px
 
-The harvest is cached in --work: reruns pay for nothing and go straight to training.
-Prints a Markdown table, then one JSON line.
+    python benchmarks/quality_bench.py                                  # every row, ~1.5 h on 2 cores
+    python benchmarks/quality_bench.py --budgets 1000 --recipes imagenet --seeds 0,1,2
+
+Prints a Markdown table (student/teacher is on the val photos whose top-5 answer maps to a
+class, as `distill eval` reports it), one JSON line per run, and writes a plot with --plot.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -29,43 +34,49 @@ from pathlib import Path
 
 import requests
 
+from distill_app.data.images import scan_images
 from distill_app.deploy.evaluate import evaluate
 from distill_app.harvest.engine import HarvestConfig, harvest
-from distill_app.data.images import load, scan
 from distill_app.training.trainer import TrainConfig, train
 
 DATA = "/work/shared/data/imagenette-dev"
+INIT = "/work/shared/weights/mobilenetv2_100_imagenet.pt"
 HERE = Path(__file__).resolve().parent
 TOKEN = "quality-bench-token"
 TEACHER = "hf:local/efficientnet_lite0"
+RECIPES = {
+    "random": {"width": 0.5, "image_size": 112, "pretrained": "off"},
+    "imagenet": {"width": 1.0, "image_size": 112, "init": INIT},
+    "imagenet64": {"width": 1.0, "image_size": 64, "init": INIT},
+}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=DATA, help="folder with train/ and val/ class folders")
     ap.add_argument("--work", default="/tmp/distill-quality", help="store, image subsets and runs")
-    ap.add_argument("--budgets", default="500,4000", help="API calls (training images) per student")
-    ap.add_argument("--steps", type=int, default=1500, help="optimizer steps per student")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--width", type=float, default=0.5)
-    ap.add_argument("--image-size", type=int, default=112)
-    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--budgets", default="500,1000,4000", help="API calls (training photos) per student")
+    ap.add_argument("--recipes", default="random,imagenet,imagenet64", help=f"of {', '.join(RECIPES)}")
+    ap.add_argument("--seeds", default="0", help="training seeds per (budget, recipe)")
+    ap.add_argument("--epochs", type=int, default=10, help="epochs per run (the product default)")
     ap.add_argument("--top-k", type=int, default=5)
     ap.add_argument("--label-map", default=str(HERE / "imagenette_labels.toml"))
+    ap.add_argument("--plot", default=None, help="write accuracy against calls to this PNG")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     db = str(work / "quality.db")
-
-    started = time.time()
     harvested = harvest_via_server(Path(args.data), db, args.top_k, work)
-    harvest_s = time.time() - started
     rows = []
     for budget in [int(b) for b in args.budgets.split(",")]:
         subset = subset_folder(Path(args.data) / "train", work / f"train-{budget}", budget)
-        for targets in ("soft", "hard"):
-            rows.append(train_and_eval(args, db, subset, budget, targets, work))
-    print_results(args, rows, harvested, harvest_s)
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            for recipe in args.recipes.split(","):  # interleaved: the machine's load hits all alike
+                rows.append(train_and_eval(args, db, subset, budget, recipe, seed, work))
+    print_table(rows)
+    if args.plot:
+        plot(rows, args.plot)
+    print(json.dumps({"rows": rows, "harvest": harvested, "args": vars(args)}))
 
 
 def harvest_via_server(data: Path, db: str, top_k: int, work: Path) -> dict:
@@ -85,7 +96,7 @@ def harvest_via_server(data: Path, db: str, top_k: int, work: Path) -> dict:
         for split in ("train", "val"):
             s = harvest(HarvestConfig(images=str(data / split), teacher=TEACHER, endpoint=endpoint,
                                       db=db, top_k=top_k, concurrency=2, upload_size=224))
-            out[split] = {k: s[k] for k in ("images", "already_cached", "succeeded", "failed", "calls")}
+            out[split] = {k: s[k] for k in ("images", "already_cached", "succeeded", "failed")}
             print(f"harvest {split}: {out[split]}", file=sys.stderr)
         return out
     finally:
@@ -94,52 +105,77 @@ def harvest_via_server(data: Path, db: str, top_k: int, work: Path) -> dict:
 
 
 def subset_folder(train_dir: Path, target: Path, budget: int) -> Path:
-    """``target/<class>/<file>`` symlinks to the first ``budget`` training images in hash order."""
+    """``target/<class>/<file>`` symlinks to the first ``budget`` training photos in hash order."""
     if target.exists():
         return target
-    files, _ = scan(train_dir)
-    loaded = sorted((x for x in map(load, files) if hasattr(x, "sha256")), key=lambda x: x.sha256)
-    for x in loaded[:budget]:
-        (target / x.label).mkdir(parents=True, exist_ok=True)
-        os.symlink(os.path.abspath(x.path), target / x.label / os.path.basename(x.path))
+    found = sorted(scan_images(train_dir).distinct(), key=lambda i: i.sha256)
+    for image in found[:budget]:
+        (target / image.label).mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.abspath(image.path), target / image.label / os.path.basename(image.path))
     return target
 
 
-def train_and_eval(args, db: str, subset: Path, budget: int, targets: str, work: Path) -> dict:
-    out = work / "runs" / f"b{budget}-{targets}-s{args.steps}"
-    train_images = sum(1 for _ in subset.rglob("*.*")) * 0.9  # the trainer keeps ~10% for val
-    epochs = max(1, math.ceil(args.steps * args.batch_size / train_images))
+def train_and_eval(args, db: str, subset: Path, budget: int, recipe: str, seed: int, work: Path) -> dict:
+    out = work / "runs" / f"b{budget}-{recipe}-e{args.epochs}-s{seed}"
     cfg = TrainConfig(images=str(subset), db=db, teachers=[TEACHER], label_map=args.label_map,
-                      width=args.width, image_size=args.image_size, epochs=epochs,
-                      batch_size=args.batch_size, lr=args.lr, targets=targets, out=str(out),
-                      resume=(out / "last.pt").exists(), seed=0)
+                      epochs=args.epochs, out=str(out), resume=(out / "last.pt").exists(), seed=seed,
+                      **RECIPES[recipe])
     t0 = time.time()
     summary = train(cfg)
     train_s = time.time() - t0
     e = evaluate(str(out), str(Path(args.data) / "val"), db_path=db, latency=False)
-    row = {"budget": budget, "targets": targets, "epochs": epochs, "train_s": round(train_s, 1),
-           "images_per_s": summary["images_per_s"], "student_accuracy": e["accuracy"],
-           "agreement": e["teacher"]["agreement"], "teacher_accuracy": e["teacher"]["accuracy"]}
-    print(json.dumps(row), file=sys.stderr)
+    t = e["teacher"]
+    history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    row = {"budget": budget, "recipe": recipe, "seed": seed, "epochs": args.epochs, "weights": summary["weights"],
+           "train_s": round(sum(m["epoch_seconds"] for m in history), 1), "wall_s": round(train_s, 1),
+           "accuracy_all": e["accuracy"], "student_accuracy": t["student_accuracy"],
+           "teacher_accuracy": t["accuracy"], "compared": t["compared"], "agreement": t["agreement"],
+           "ratio": round(t["student_accuracy"] / t["accuracy"], 4) if t["accuracy"] else None,
+           "macs": e["model"]["macs"], "parameters": e["model"]["parameters"],
+           "val_curve": [(round(sum(h["epoch_seconds"] for h in history[:i + 1]), 1), round(m["val_accuracy"], 4))
+                         for i, m in enumerate(history)]}
+    print(json.dumps(row), file=sys.stderr, flush=True)
     return row
 
 
-def print_results(args, rows: list[dict], harvested: dict, harvest_s: float) -> None:
-    print(f"teacher {TEACHER} (local EfficientNet-Lite0 via serve-teacher, top-{args.top_k}); "
-          f"student MobileNetV2 x{args.width} at {args.image_size} px, {args.steps} steps of "
-          f"{args.batch_size}; harvest {harvest_s:.0f} s\n")
-    print("| calls | targets | epochs | student acc | teacher acc | student/teacher | agreement | train s |")
-    print("|---|---|---|---|---|---|---|---|")
+def print_table(rows: list[dict]) -> None:
+    print("| calls | recipe | seeds | MACs | train s | student top-1 | teacher top-1 | student/teacher | agreement |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        ratio = r["student_accuracy"] / r["teacher_accuracy"] if r["teacher_accuracy"] else float("nan")
-        print(f"| {r['budget']} | {r['targets']} | {r['epochs']} | {r['student_accuracy']:.3f} | "
-              f"{r['teacher_accuracy']:.3f} | {ratio:.3f} | {r['agreement']:.3f} | {r['train_s']} |")
-    by = {(r["budget"], r["targets"]): r for r in rows}
-    gaps = {b: round(by[(b, "soft")]["student_accuracy"] - by[(b, "hard")]["student_accuracy"], 4)
-            for b, t in by if t == "soft" and (b, "hard") in by}
-    print()
-    print(json.dumps({"rows": rows, "soft_minus_hard": gaps, "harvest": harvested,
-                      "harvest_s": round(harvest_s, 1), "args": vars(args)}))
+        groups.setdefault((r["budget"], r["recipe"]), []).append(r)
+    for (budget, recipe), rs in groups.items():
+        col = lambda key, fmt: _spread([r[key] for r in rs], fmt)  # noqa: E731
+        print(f"| {budget} | {recipe} | {len(rs)} | {rs[0]['macs'] / 1e6:.0f} M | {col('train_s', '.0f')} | "
+              f"{col('student_accuracy', '.1%')} | {col('teacher_accuracy', '.1%')} | {col('ratio', '.3f')} | "
+              f"{col('agreement', '.1%')} |")
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    """The value, or mean ± standard deviation over seeds."""
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
+
+
+def plot(rows: list[dict], path: str) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for recipe in dict.fromkeys(r["recipe"] for r in rows):
+        by_budget: dict[int, list[float]] = {}
+        for r in rows:
+            if r["recipe"] == recipe:
+                by_budget.setdefault(r["budget"], []).append(r["ratio"])
+        budgets = sorted(by_budget)
+        ax.plot(budgets, [statistics.mean(by_budget[b]) for b in budgets], "o-", label=recipe)
+    ax.set(xscale="log", xlabel="API calls (answered training photos)", ylabel="student / teacher top-1",
+           title="Imagenette val, teacher EfficientNet-Lite0 (top 5)", ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def _free_port() -> int:

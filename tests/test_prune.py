@@ -11,12 +11,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import store_folder_answers
+from conftest import save_test_student, store_folder_answers
 from distill_app.training.checkpoint import open_student, save_student
 from distill_app.cli import app
 from distill_app.errors import DistillError
 from distill_app.deploy.prune import PruneConfig, channel_scores, prune_student, prune_to, target_widths
-from students import STUDENT_MEAN, STUDENT_STD, count_macs, count_params, create_student
+from students import count_macs, count_params, create_student
 from students.pruned import PRUNED_NAME, expanded_blocks, hidden_channels
 
 CLASSES = ["cat", "coffee"]
@@ -41,13 +41,9 @@ def workspace(tmp_path, photos) -> dict:
     db = tmp_path / "distill.db"
     store_folder_answers(photos, db, 0.7, TEACHER)
     run = tmp_path / "run"
-    run.mkdir()
-    meta = {"student": {"name": "mobilenetv2", "num_classes": 2, "width": 0.35, "image_size": SIZE,
-                        "mean": list(STUDENT_MEAN), "std": list(STUDENT_STD)},
-            "classes": CLASSES, "teachers": [TEACHER], "metrics": {}, "label_map": None,
-            "config": {"images": str(photos), "db": str(db), "label_map": None, "other": False,
-                       "loss": "mse", "targets": "soft", "val_fraction": 0.25}}
-    save_student(run / "model.pt", student(), meta)
+    save_test_student(run / "model.pt", student(), CLASSES, [TEACHER], SIZE,
+                      config={"images": str(photos), "db": str(db), "label_map": None, "other": False,
+                              "loss": "mse", "targets": "soft", "val_fraction": 0.25})
     return {"run": run, "db": db, "photos": photos}
 
 
