@@ -431,6 +431,53 @@ def prune(
         emit_json(result)
 
 
+@app.command()
+@user_errors
+def predict(
+    student: Path = typer.Option(..., help="Run folder written by `distill train`, its model.pt, or a .onnx export."),
+    images: List[Path] = typer.Option(..., help="Image file or folder (scanned recursively); repeat for more."),
+    top_k: int = typer.Option(5, min=1, help="Classes to report per image."),
+    batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
+    device: str = typer.Option("auto", help="PyTorch students: auto, cpu or cuda (ONNX runs on the CPU)."),
+    csv_out: Optional[Path] = typer.Option(None, "--csv", help="Also write path, sha256, then class and probability per rank."),
+    json_out: bool = typer.Option(False, "--json", help="JSON Lines: one object per image, the summary last."),
+) -> None:
+    """The student's top-k classes and probabilities for every image.
+
+    Example: distill predict --student runs/mobilenetv2-1 --images new-photos/ --top-k 3 --csv predictions.csv
+    """
+    from .deploy.predict import run_predict
+
+    with progress("predict") as update:
+        rows, summary = run_predict(str(student), [str(p) for p in images], top_k, batch_size, device, update)
+    if csv_out:
+        _write_csv(csv_out, rows, top_k)
+    for row in rows:
+        if json_out:
+            sys.stdout.write(json.dumps(row) + "\n")
+        elif "error" in row:
+            err.print(f"skipped {row['path']}: {row['error']}", markup=False)
+        else:
+            top = "  ".join(f"{t['class']} {t['probability']:.3f}" for t in row["top"])
+            sys.stdout.write(f"{row['path']}\t{top}\n")
+    err.print(f"predicted {summary['predicted']}  failed {summary['failed']}  skipped files {summary['skipped_files']}  "
+              f"{summary['seconds']:.1f}s  {summary['images_per_s']} images/s ({summary['runtime']})", markup=False)
+    if json_out:
+        emit_json(summary)
+
+
+def _write_csv(path: Path, rows: list[dict], top_k: int) -> None:
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "sha256", "error"] + [f"{what}_{i}" for i in range(1, top_k + 1)
+                                                      for what in ("class", "probability")])
+        for row in rows:
+            ranked = [x for t in row.get("top", []) for x in (t["class"], t["probability"])]
+            writer.writerow([row["path"], row.get("sha256", ""), row.get("error", "")] + ranked)
+
+
 def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise typer.BadParameter(f"{value!r}; choose one of {', '.join(choices)}", param_hint=flag)

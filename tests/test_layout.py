@@ -9,7 +9,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # The modules behind the commands (cli.py and demo.py are the layer that strings them together).
 COMMANDS = {"distill_app.harvest.engine", "distill_app.training.trainer", "distill_app.deploy.evaluate",
-            "distill_app.deploy.export", "distill_app.deploy.prune", "distill_app.teachers.serve"}
+            "distill_app.deploy.export", "distill_app.deploy.prune", "distill_app.deploy.predict",
+            "distill_app.teachers.serve"}
 
 
 def _module(path: Path) -> str:

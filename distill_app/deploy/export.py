@@ -24,7 +24,8 @@ import students.pruned  # noqa: F401  (registers mobilenetv2_pruned, so pruned r
 from cache import default_db_path, open_store
 
 from ..training.checkpoint import StudentFile, open_student
-from .measure import Candidate, interleaved_latency, onnx_candidate, torch_candidate, torch_threads
+from .measure import (EXPORT_FORMAT, Candidate, interleaved_latency, onnx_candidate, require_onnx, torch_candidate,
+                      torch_threads)
 from ..errors import DistillError
 from ..data.images import list_images
 from ..data.pixels import load_pixels, to_input
@@ -34,7 +35,6 @@ from ..teachers.spec import first_teacher
 FORMATS = ("onnx", "torchscript")
 OPSET = 17
 MAX_ABS_DIFF = 1e-3  # fp32 export vs PyTorch, on logits
-EXPORT_FORMAT = "distill-export/1"
 RESIZE = "shorter side to image_size (bicubic), centre crop, EXIF orientation applied"
 
 
@@ -117,16 +117,6 @@ def onnx_metadata_props(metadata: dict) -> dict[str, str]:
 
 
 # -- ONNX --------------------------------------------------------------------------------------------
-
-
-def require_onnx() -> None:
-    """onnx and onnxruntime are an optional extra: say how to get them before any work is done."""
-    import importlib.util
-
-    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise DistillError(f"ONNX export needs {' and '.join(missing)}: pip install 'distill[export]' "
-                           "(or use --format torchscript)")
 
 
 def export_onnx(model: torch.nn.Module, path: Path, image_size: int, metadata: dict) -> None:

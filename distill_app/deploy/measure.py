@@ -15,6 +15,11 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from ..errors import DistillError
+
+# What an exported file's metadata says it is (written by export, read back by predict).
+EXPORT_FORMAT = "distill-export/1"
+
 
 @dataclass
 class LatencyOptions:
@@ -56,6 +61,16 @@ def onnx_candidate(name: str, path: str | Path, image_size: int, threads: int) -
         return session.run(None, {input_name: x})[0]
 
     return Candidate(name, predict, image_size, Path(path).stat().st_size, Path(path))
+
+
+def require_onnx() -> None:
+    """onnx and onnxruntime are an optional extra: say how to get them before any work is done."""
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise DistillError(f"ONNX export needs {' and '.join(missing)}: pip install 'distill[export]' "
+                           "(or use --format torchscript)")
 
 
 def onnx_session(path: str | Path, threads: int):
