@@ -13,6 +13,7 @@ import typer
 from cache import default_db_path, open_store
 
 from .console import emit_json, err, progress, user_errors
+from .errors import DistillError
 from .teachers.serve import TOKEN_ENV_VAR
 
 app = typer.Typer(
@@ -24,6 +25,8 @@ app = typer.Typer(
 )
 cache_app = typer.Typer(help="Look inside the soft-label store.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
+labels_app = typer.Typer(help="Label maps: draft one from class folders.", no_args_is_help=True)
+app.add_typer(labels_app, name="labels")
 
 DB_HELP = "SQLite store (default: $DISTILL_DB or ./distill.db)."
 JSON_HELP = "Print one JSON object as the last line of stdout."
@@ -98,7 +101,8 @@ def train(
     images: Path = typer.Option(..., help="Folder of images (the harvested ones)."),
     db: Optional[str] = typer.Option(None, help=DB_HELP),
     teacher: Optional[List[str]] = typer.Option(None, help="Teacher spec, optionally SPEC@WEIGHT; repeat for an ensemble."),
-    label_map: Optional[Path] = typer.Option(None, help="TOML/JSON: target class -> teacher labels."),
+    label_map: Optional[Path] = typer.Option(None, help="TOML/JSON: target class -> teacher labels; or 'folders': "
+                                             "the map `distill labels suggest` drafts, applied as is."),
     other: bool = typer.Option(False, "--other", help="Add an 'other' class for unmapped mass."),
     max_classes: Optional[int] = typer.Option(None, min=2, help="Without a label map: keep the N most frequent teacher labels."),
     student: str = typer.Option("mobilenetv2", help="Student: mobilenetv2 or any timm model name."),
@@ -294,6 +298,52 @@ def cache_export(
             sys.stdout.write(json.dumps(row) + "\n")
     finally:
         store.close()
+
+
+@labels_app.command("suggest")
+@user_errors
+def labels_suggest(
+    images: Path = typer.Option(..., help="Folder of class subfolders, harvested."),
+    db: Optional[str] = typer.Option(None, help=DB_HELP),
+    teacher: str = typer.Option("local", help="Teacher spec whose answers to read."),
+    min_share: float = typer.Option(0.05, min=0.0, max=1.0, help="Keep a teacher label when it carries at least "
+                                    "this share of a folder's answered mass."),
+    out: Optional[Path] = typer.Option(None, help="Write the TOML here (default: print it on stdout)."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Draft a label map (TOML) from class folders: per folder, the teacher labels that carry most of its mass.
+
+    Example: distill labels suggest --images photos/ --out labels.toml && distill train --images photos/ --label-map labels.toml
+    """
+    from .data.images import list_images
+    from .data.label_check import render_toml, suggest_label_map
+    from .teachers.spec import stored_teacher
+
+    found = list_images(images)
+    folders = dict(zip(found.shas, found.labels))
+    if not any(folders.values()):
+        raise DistillError(f"no class subfolders under {images}: a label map is drafted per folder")
+    store = open_store(db, create=False)
+    try:
+        answers = store.answers(stored_teacher(store, teacher)["id"], found.shas)
+    finally:
+        store.close()
+    if not answers:
+        raise DistillError(f"no answers from {teacher} for the images under {images}: run `distill harvest "
+                           f"--images {images} --teacher {teacher}` first")
+    suggestion = suggest_label_map(answers, folders, min_share)
+    text = render_toml(suggestion, f"{len(answers)} answers of {teacher} for {images}")
+    if out:
+        out.write_text(text, encoding="utf-8")
+        err.print(f"wrote {out}: {len(suggestion['classes'])} classes", markup=False)
+    elif not json_out:
+        sys.stdout.write(text)
+    for folder, shared in suggestion["shared"].items():
+        for s in shared:
+            err.print(f"note: {s['label']!r} feeds {folder} ({s['share']:.1%}) and {s['kept_in']}; kept in "
+                      f"{s['kept_in']}", markup=False)
+    if json_out:
+        emit_json(suggestion)
 
 
 @app.command()

@@ -1,8 +1,10 @@
-"""What a label map does to the cached answers: which teacher labels feed each class, how much
-probability mass each class receives, and what falls outside (``distill cache labels --label-map``)."""
+"""Label maps against the cached answers: what a map covers (which teacher labels feed each
+class, how much mass each receives, what falls outside: ``distill cache labels --label-map``), and
+a draft map from class folders (``distill labels suggest``, ``--label-map folders``)."""
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 
 from .targets import Answers, LabelMap
@@ -50,3 +52,74 @@ def check_label_map(answers: Answers, label_map: LabelMap, top: int = 20) -> dic
         "mapped_top1_share": round(mapped_top1 / n, 4) if n else None,
         "unmapped": [{"label": k, "top1": v[0], "mass": round(v[1], 4)} for k, v in outside],
     }
+
+
+# -- a draft label map from class folders ---------------------------------------------------------
+
+
+def suggest_label_map(answers: Answers, folders: dict[str, str | None], min_share: float = 0.05) -> dict:
+    """A draft label map: per class folder, the teacher labels carrying at least ``min_share`` of
+    the mass the teacher returned for that folder's images (at least its biggest label).
+
+    ``folders``: sha256 -> folder label (None: not in a class folder, ignored). A label that
+    passes in several folders goes to the one where its share is highest; the others list it
+    under ``shared`` (it cannot feed two classes). Returns ``{"classes": {folder: [{"label",
+    "share"}, ...]}, "images": {folder: n}, "shared": {folder: [{"label", "share", "kept_in"}]}}``.
+    """
+    mass: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    images: dict[str, int] = defaultdict(int)
+    for sha, scores in answers.items():
+        folder = folders.get(sha)
+        if folder is None:
+            continue
+        images[folder] += 1
+        for label, score in scores:
+            mass[folder][label] += float(score)
+    shares = {}
+    for folder, labels in mass.items():
+        total = sum(labels.values()) or 1.0
+        ranked = sorted(((s / total, label) for label, s in labels.items()), key=lambda p: (-p[0], p[1]))
+        shares[folder] = [(label, share) for share, label in ranked if share >= min_share] or [ranked[0][::-1]]
+    best_home: dict[str, tuple[float, str]] = {}
+    for folder, picked in shares.items():
+        for label, share in picked:
+            if share > best_home.get(label, (-1.0, ""))[0]:
+                best_home[label] = (share, folder)
+    classes: dict[str, list[dict]] = {}
+    shared: dict[str, list[dict]] = {}
+    for folder in sorted(shares):
+        for label, share in shares[folder]:
+            home = best_home[label][1]
+            entry = {"label": label, "share": round(share, 4)}
+            (classes.setdefault(folder, []) if home == folder else shared.setdefault(folder, [])).append(
+                entry if home == folder else {**entry, "kept_in": home})
+        classes.setdefault(folder, [])
+    return {"classes": classes, "images": dict(images), "shared": shared}
+
+
+def render_toml(suggestion: dict, origin: str) -> str:
+    """The suggestion as a TOML label map, each label's share of its folder's mass in a comment."""
+    lines = [f"# Draft label map from {origin}: per class folder, the teacher labels that carry",
+             "# most of its answered mass (share in the comment). Check it, then train with --label-map.", ""]
+    for folder, labels in suggestion["classes"].items():
+        lines.append(f"# {folder}: {suggestion['images'].get(folder, 0)} answered images")
+        for s in suggestion["shared"].get(folder, []):
+            lines.append(f"#   also {json.dumps(s['label'])} ({s['share']:.1%}), kept in {s['kept_in']}")
+        if not labels:
+            lines.append(f"#   every label of {folder} is kept in another class: merge the folders or edit by hand")
+        lines.append(f"{_key(folder)} = [")
+        lines += [f"    {json.dumps(x['label'])},  # {x['share']:.1%}" for x in labels]
+        lines += ["]", ""]
+    return "\n".join(lines)
+
+
+def _key(name: str) -> str:
+    """A TOML key: bare when it can be, else a quoted string (JSON escapes are TOML's too)."""
+    return name if name and all(c.isalnum() or c in "-_" for c in name) and name.isascii() else json.dumps(name)
+
+
+def folder_label_map(suggestion: dict) -> LabelMap:
+    """The suggestion applied as it is (``--label-map folders``); a folder left with no label of
+    its own is dropped (its images then count as unmapped)."""
+    kept = {folder: [x["label"] for x in labels] for folder, labels in suggestion["classes"].items() if labels}
+    return LabelMap.from_dict(kept, origin="the label map suggested from the class folders")

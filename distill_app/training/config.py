@@ -23,6 +23,10 @@ RESUME_OVERRIDES = ("epochs", "device", "num_workers", "accum_steps", "compile")
 # "pixels"); epochs 1..N report "train" steps, then one "epoch" call with the epoch's metrics.
 Progress = Callable[[int, int, int, dict], None]
 
+# --label-map folders: the map `distill labels suggest` drafts from the class folders, applied as is
+# (a map file of that name is ./folders).
+FOLDERS = "folders"
+
 
 @dataclass
 class TrainConfig:
@@ -31,7 +35,7 @@ class TrainConfig:
     images: str
     db: str | None = None  # default: $DISTILL_DB or ./distill.db
     teachers: list[str] = field(default_factory=lambda: [DEFAULT_LOCAL])  # SPEC[@WEIGHT]
-    label_map: str | None = None
+    label_map: str | None = None  # a TOML/JSON file, or FOLDERS
     other: bool = False
     max_classes: int | None = None
     student: str = "mobilenetv2"

@@ -12,11 +12,12 @@ import numpy as np
 from cache import StoreError, default_db_path, open_store
 
 from ..data.images import scan_images as scan_images_in
+from ..data.label_check import folder_label_map, suggest_label_map
 from ..data.targets import (LabelMap, build_targets, default_classes, ensemble, folder_classes, hard_labels,
                             load_label_map, teacher_argmax, with_other)
 from ..errors import DistillError
 from ..teachers.spec import parse_teacher, stored_teacher
-from .config import Progress, TrainConfig
+from .config import FOLDERS, Progress, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def make_targets(cfg: TrainConfig, answers, label_map: LabelMap | None = None,
     ``label_map``: a map already in hand (prune passes the student's own), used instead of the
     file ``cfg.label_map``; either is cut to ``cfg.max_classes``.
     """
-    if label_map is None and cfg.label_map:
+    if label_map is None and cfg.label_map and cfg.label_map != FOLDERS:
         label_map = load_label_map(cfg.label_map)
     user_map = None if label_map is None else LabelMap(label_map.classes[:cfg.max_classes],
                                                        label_map.sources[:cfg.max_classes])
@@ -100,6 +101,23 @@ def make_targets(cfg: TrainConfig, answers, label_map: LabelMap | None = None,
                            "check its teacher labels (`distill cache labels`) or pass --other")
     shas, soft = ensemble(parts)
     return shas, soft, columns, user_map
+
+
+def _folder_map(cfg: TrainConfig, answers, folders: dict[str, str | None]) -> LabelMap:
+    """``--label-map folders``: the map ``distill labels suggest`` drafts, from the first teacher."""
+    if not any(folders.values()):
+        raise DistillError(f"--label-map folders needs class subfolders under {cfg.images}; there are none")
+    return folder_label_map(suggest_label_map(answers[0][3], folders))
+
+
+def _warn_if_folders_match_nothing(cfg: TrainConfig, folders: dict[str, str | None], columns: list[str]) -> None:
+    """Class folders, no label map, and not one folder name is a teacher label: say what to do."""
+    names = sorted({f for f in folders.values() if f is not None})
+    if names and not (folder_classes(names, columns) >= 0).any():
+        log.warning("the class folders (%s) match none of the teacher's %d labels, so the student learns the "
+                    "teacher's labels: `distill labels suggest --images %s` drafts a label map, or pass "
+                    "--label-map folders to train on the folder classes", ", ".join(names[:5]) +
+                    (", ..." if len(names) > 5 else ""), len(columns), cfg.images)
 
 
 def split_val(shas: list[str], fraction: float) -> np.ndarray:
@@ -125,7 +143,12 @@ def prepare_data(cfg: TrainConfig, progress: Progress | None, label_map: LabelMa
     found, skipped = scan_images(cfg.images, progress)
     answers = read_answers(cfg, sorted(found))
     answered = set().union(*(a for *_, a in answers))
+    folders = {sha: label for sha, (_, label) in found.items()}
+    if label_map is None and cfg.label_map == FOLDERS:
+        label_map = _folder_map(cfg, answers, folders)
     shas, soft, columns, user_map = make_targets(cfg, answers, label_map)
+    if user_map is None:
+        _warn_if_folders_match_nothing(cfg, folders, columns)
     order = np.argsort(np.array(shas))
     shas, soft = [shas[i] for i in order], soft[order]
     if len(shas) < 2:
