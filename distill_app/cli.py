@@ -48,7 +48,7 @@ def harvest(
     teacher: str = typer.Option("local", help="Teacher spec: local, timm:NAME, hf:OWNER/MODEL, google, azure."),
     endpoint: Optional[str] = typer.Option(None, help="Exact URL to POST to (remote teachers)."),
     db: Optional[str] = typer.Option(None, help=DB_HELP),
-    rate: Optional[float] = typer.Option(None, help="Requests per second, all threads together."),
+    rate: Optional[float] = typer.Option(None, help="Requests per second, all threads together (> 0)."),
     concurrency: int = typer.Option(4, min=1, help="Requests in flight."),
     max_calls: Optional[int] = typer.Option(None, min=0, help="Images to send in this run at most."),
     daily_quota: Optional[int] = typer.Option(None, min=0, help="Images per UTC day for this teacher, across runs."),
@@ -159,8 +159,14 @@ def train(
         run_train(cfg)
         return
     with progress("train") as update:
-        summary = run_train(cfg, progress=lambda epoch, step, steps, info: update(step, steps))
-    _print_dict("trained", summary)
+        def report(epoch: int, step: int, steps: int, info: dict) -> None:
+            if info.get("phase") == "epoch":
+                _print_epoch(epoch, cfg.epochs, info)
+            else:
+                update(step, steps)
+
+        summary = run_train(cfg, progress=report)
+    _print_trained(summary)
     if json_out:
         emit_json(summary)
 
@@ -533,9 +539,19 @@ def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
         raise typer.BadParameter(f"{value!r}; choose one of {', '.join(choices)}", param_hint=flag)
 
 
-def _print_dict(title: str, d: dict) -> None:
-    flat = "  ".join(f"{k} {v}" for k, v in d.items() if not isinstance(v, (dict, list)))
-    err.print(f"{title}: {flat}", markup=False)
+def _print_epoch(epoch: int, epochs: int, m: dict) -> None:
+    err.print(f"epoch {epoch}/{epochs}  train loss {m['train_loss']:.4g}  val accuracy {m['val_accuracy']:.1%}  "
+              f"agreement {m['val_agreement']:.1%}  {m['images_per_s']:.0f} images/s  {m['epoch_seconds']:.1f}s",
+              markup=False)
+
+
+def _print_trained(s: dict) -> None:
+    best = (f"best epoch {s['best_epoch']}: val accuracy {s['val_accuracy']:.1%}, agreement {s['agreement']:.1%}"
+            if s.get("best_epoch") else "no epoch finished")
+    err.print(f"trained {s['out']}: {s['epochs']} epochs in {s['seconds']:.0f}s; {best}", markup=False)
+    err.print(f"  {s['images']['train']} training + {s['images']['val']} validation images, {s['classes']} classes, "
+              f"weights {s['weights']}; {s['unanswered']} unanswered, {s['unmapped']} unmapped, "
+              f"{s['skipped']} files skipped", markup=False)
 
 
 def main() -> None:

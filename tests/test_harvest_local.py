@@ -62,3 +62,13 @@ def test_cli_json_and_errors(photos):
     assert res.exit_code == 1 and "is not a folder" in res.output
     res = runner.invoke(app, ["harvest", "--images", str(photos), "--teacher", "nope:x"])
     assert res.exit_code == 1 and "valid prefixes" in res.output
+
+
+def test_bad_flags_are_reported_before_any_scan(tmp_path):
+    from typer.testing import CliRunner
+
+    from distill_app.cli import app
+
+    res = CliRunner().invoke(app, ["harvest", "--images", str(tmp_path / "no-such-folder"), "--rate", "-1"])
+    assert res.exit_code == 1 and "--rate must be a positive number" in res.output
+    assert not (tmp_path / "distill.db").exists()

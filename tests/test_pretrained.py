@@ -61,6 +61,7 @@ def test_auto_falls_back_with_one_line_and_on_fails_with_one(dataset, caplog):
     notes = [r.getMessage() for r in caplog.records if "random init" in r.getMessage()]
     assert len(notes) == 1 and "no ImageNet weights for mobilenetv2 x0.5" in notes[0] and "--init FILE" in notes[0]
     assert json.loads(res.output.strip().splitlines()[-1])["weights"] == "random"
+    assert "epoch 1/1  train loss " in res.output and "weights random;" in res.output  # the human lines
     res = CliRunner().invoke(app, [*args, "--out", "on", "--pretrained", "on"])
     assert res.exit_code == 1 and "Error: no ImageNet weights for mobilenetv2 x0.5" in res.output
     assert len([line for line in res.output.splitlines() if "no ImageNet weights" in line]) == 1

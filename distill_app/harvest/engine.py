@@ -55,6 +55,24 @@ class HarvestConfig:
     lease_s: float = 600.0  # a claim older than this belongs to a dead harvester
 
 
+def check_config(cfg: HarvestConfig) -> None:
+    """DistillError, echoing the value, for a flag out of range: before any file is scanned."""
+    checks = [
+        (cfg.rate is None or cfg.rate > 0, f"--rate must be a positive number of requests per second, got {cfg.rate}"),
+        (cfg.concurrency >= 1, f"--concurrency must be at least 1, got {cfg.concurrency}"),
+        (cfg.max_calls is None or cfg.max_calls >= 0, f"--max-calls must be >= 0, got {cfg.max_calls}"),
+        (cfg.daily_quota is None or cfg.daily_quota >= 0, f"--daily-quota must be >= 0, got {cfg.daily_quota}"),
+        (cfg.top_k is None or cfg.top_k >= 1, f"--top-k must be at least 1, got {cfg.top_k}"),
+        (cfg.upload_size >= 16, f"--upload-size must be at least 16 pixels, got {cfg.upload_size}"),
+        (cfg.cost_per_1k >= 0, f"--cost-per-1k must be >= 0, got {cfg.cost_per_1k}"),
+        (cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}"),
+        (cfg.max_attempts >= 1, f"retry attempts must be at least 1, got {cfg.max_attempts}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise DistillError(message)
+
+
 @dataclass
 class Summary:
     teacher: str
@@ -130,6 +148,7 @@ class BatchResult:
 def harvest(cfg: HarvestConfig, progress: Callable[[int, int], None] | None = None) -> dict:
     """Run one harvest; returns the summary as a dict. ``progress(done, total)`` is optional."""
     start = time.monotonic()
+    check_config(cfg)
     options = TeacherOptions(endpoint=cfg.endpoint, top_k=cfg.top_k, device=cfg.device,
                              batch_size=cfg.batch_size, timeout=cfg.timeout)
     store = open_store(cfg.db)
