@@ -124,8 +124,8 @@ def train(
                                    "caches or a download; else random init, with a notice), on (fail without), off."),
     init: Optional[Path] = typer.Option(None, help="Initial weights file for the student (a state dict; may carry "
                                         "its normalize mean/std)."),
-    backbone_lr: float = typer.Option(1.0, min=0.0, help="With pretrained weights: the backbone's learning rate "
-                                      "as a multiple of --lr (the new head gets --lr)."),
+    backbone_lr: float = typer.Option(0.1, min=0.0, help="With pretrained weights: the backbone's learning rate "
+                                      "as a multiple of --lr (the new head gets --lr; 1 trains all alike)."),
     accum_steps: int = typer.Option(1, min=1, help="Forward passes per optimizer step (gradient accumulation): "
                                     "each sees batch-size / (processes x N) images."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the student: for GPUs, slower on CPU (warns and runs without if it fails)."),

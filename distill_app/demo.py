@@ -111,6 +111,9 @@ def run_demo(workdir: Path, epochs: int = 30, log: Callable[[str], None] = print
                               epochs=epochs, batch_size=16, lr=1e-2, out=str(out), seed=0))
     finally:
         torch.set_num_threads(threads)
+    # Offline, --pretrained auto finds no ImageNet weights for x0.5 unless timm's are cached: say which.
+    log(f"    started from {'random init' if t['weights'] == 'random' else t['weights']}; "
+        f"best epoch {t['best_epoch']} of {t['epochs']}")
     log(f"3/3 eval on {val_dir}")
     e = evaluate(str(out), str(val_dir), db_path=db, teacher_spec="local")
     files = write_report(e, str(workdir / "report"))
