@@ -99,8 +99,9 @@ def suggest_label_map(answers: Answers, folders: dict[str, str | None], min_shar
 
 def render_toml(suggestion: dict, origin: str) -> str:
     """The suggestion as a TOML label map, each label's share of its folder's mass in a comment."""
-    lines = [f"# Draft label map from {origin}: per class folder, the teacher labels that carry",
-             "# most of its answered mass (share in the comment). Check it, then train with --label-map.", ""]
+    lines = [f"# Draft label map from {origin}.",
+             "# Per class folder, the teacher labels that carry most of its answered mass (their share in",
+             "# the comment). Check it, then train with --label-map FILE.", ""]
     for folder, labels in suggestion["classes"].items():
         lines.append(f"# {folder}: {suggestion['images'].get(folder, 0)} answered images")
         for s in suggestion["shared"].get(folder, []):
