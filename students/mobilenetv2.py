@@ -16,8 +16,9 @@ from .pretrained import RANDOM, Weights, cannot, offline, timm_cached, torchvisi
 from .registry import load_init, register_student
 from .weights import copy_by_position, first_line
 
-# Widths with published ImageNet weights. timm's mobilenetv2_XXX has exactly torchvision's
-# tensor layout (same order and shapes), so its weights are copied in by position.
+# Widths with published ImageNet weights besides torchvision's 1.0 (timm 1.0.31 publishes 050, 100,
+# 110d, 120d and 140; 110d/120d are deeper networks, not a width). timm's mobilenetv2_XXX has
+# exactly torchvision's tensor layout (same order and shapes), so its weights are copied in by position.
 TIMM_WEIGHTS = {0.5: "mobilenetv2_050", 1.4: "mobilenetv2_140"}
 
 
