@@ -93,15 +93,21 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def load(image: ImageFile) -> LoadedImage | Skip:
-    """Read and check one file: its bytes, hash and size, or why it cannot be used."""
+def read(image: ImageFile) -> bytes | Skip:
+    """The file's bytes, or why they cannot be had (unreadable, empty)."""
     try:
         with open(image.path, "rb") as f:
             data = f.read()
     except OSError as e:
         return Skip(image.path, f"unreadable: {e.strerror or type(e).__name__}")
-    if not data:
-        return Skip(image.path, "empty file")
+    return data if data else Skip(image.path, "empty file")
+
+
+def load(image: ImageFile) -> LoadedImage | Skip:
+    """Read and check one file: its bytes, hash and size, or why it cannot be used."""
+    data = read(image)
+    if isinstance(data, Skip):
+        return data
     try:
         width, height = check_decodes(data)
     except ValueError as e:

@@ -9,14 +9,16 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-from ..data.images import ImageFile, Skip, decode_rgb, display_path, load, scan
+from ..data.images import ImageFile, Skip, decode_rgb, display_path, read, scan, sha256_bytes
 from ..data.pixels import resize_center_crop, to_input
 from ..device import resolve_device
 from ..errors import DistillError
@@ -92,23 +94,34 @@ def image_files(inputs: list[str]) -> tuple[list[ImageFile], list[Skip]]:
 def predict(predictor: Predictor, files: list[ImageFile], top_k: int = 5, batch_size: int = 32,
             progress: Callable[[int, int], None] | None = None) -> Iterator[dict]:
     """One dict per file, in the order given: ``{"path", "sha256", "top": [{"class", "probability"},
-    ...]}``, or ``{"path", "error"}`` for a file that cannot be decoded (skipped; nothing stops)."""
+    ...]}``, or ``{"path", "error"}`` for a file that cannot be decoded (skipped; nothing stops).
+
+    Each batch's files are read and decoded on threads (PIL releases the GIL while decoding), so
+    the forward pass, not JPEG decoding, sets the pace.
+    """
     k = min(top_k, len(predictor.classes))
-    pending: list[dict] = []  # rows in order; the decodable ones wait for their batch's forward pass
-    pixels: list[np.ndarray] = []
-    for done, file in enumerate(files, 1):
-        item = load(file)
-        if isinstance(item, Skip):
-            pending.append({"path": display_path(item.path), "error": item.reason})
-        else:
-            pending.append({"path": display_path(item.path), "sha256": item.sha256})
-            pixels.append(resize_center_crop(decode_rgb(item.data), predictor.image_size))
-        if len(pixels) == batch_size or done == len(files):
-            _answer(predictor, [r for r in pending if "error" not in r], pixels, k)
-            yield from pending
-            pending, pixels = [], []
-        if progress:
-            progress(done, len(files))
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for start in range(0, len(files), batch_size):
+            decoded = list(pool.map(partial(_decode, size=predictor.image_size), files[start:start + batch_size]))
+            rows = [row for row, _ in decoded]
+            _answer(predictor, [row for row, px in decoded if px is not None],
+                    [px for _, px in decoded if px is not None], k)
+            yield from rows
+            if progress:
+                progress(min(start + batch_size, len(files)), len(files))
+
+
+def _decode(file: ImageFile, size: int) -> tuple[dict, np.ndarray | None]:
+    """(the row, its pixels) or (the row with the reason it cannot be used, None); one decode."""
+    row = {"path": display_path(file.path)}
+    data = read(file)
+    if isinstance(data, Skip):
+        return {**row, "error": data.reason}, None
+    try:
+        image = decode_rgb(data)  # refuses bombs and truncated files with a reason, as load() does
+    except ValueError as e:
+        return {**row, "error": str(e)}, None
+    return {**row, "sha256": sha256_bytes(data)}, resize_center_crop(image, size)
 
 
 def _answer(predictor: Predictor, rows: list[dict], pixels: list[np.ndarray], k: int) -> None:
