@@ -27,6 +27,7 @@ from cache import ImageRow, Response, Store, open_store
 from ..data import images as imgs
 from ..errors import DistillError
 from .pacing import RateLimiter, retry_policy
+from .select import STRATEGIES, select
 from ..teachers import AuthError, Teacher, TeacherOptions, TransientError, create_teacher
 from .upload import prepare_upload
 
@@ -53,6 +54,8 @@ class HarvestConfig:
     max_attempts: int = 6
     wait_scale: float = 1.0  # multiplies every retry wait; tests set 0
     lease_s: float = 600.0  # a claim older than this belongs to a dead harvester
+    select: str = "random"  # which waiting images a budget smaller than the wait goes to (select.py)
+    seed: int = 0  # of the selection order: the same seed is the same order, run after run
 
 
 def check_config(cfg: HarvestConfig) -> None:
@@ -67,6 +70,7 @@ def check_config(cfg: HarvestConfig) -> None:
         (cfg.cost_per_1k >= 0, f"--cost-per-1k must be >= 0, got {cfg.cost_per_1k}"),
         (cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}"),
         (cfg.max_attempts >= 1, f"retry attempts must be at least 1, got {cfg.max_attempts}"),
+        (cfg.select in STRATEGIES, f"--select must be one of {', '.join(STRATEGIES)}, got {cfg.select!r}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -106,7 +110,12 @@ class BudgetReached(Exception):
 
 
 class Budget:
-    """Calls left in this run: the smaller of --max-calls and what --daily-quota leaves today."""
+    """Calls left in this run: the smaller of --max-calls and what --daily-quota leaves today.
+
+    A batch reserves its first attempt's calls when it is claimed, so the last batch is cut to
+    what is left and the budget is spent exactly; a retry takes more calls from what is left (or
+    leaves its images unsent), and a batch that never goes out gives its reservation back.
+    """
 
     def __init__(self, max_calls: int | None, daily_quota: int | None, used_today: int):
         limits = [x for x in (max_calls, None if daily_quota is None else daily_quota - used_today)
@@ -124,7 +133,28 @@ class Budget:
         with self._lock:
             self._closed = True
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def room(self, n: int) -> int:
+        """How many of ``n`` images a new batch may hold (0: the budget is spent)."""
+        with self._lock:
+            return 0 if self._closed else n if self.left is None else min(n, self.left)
+
+    def reserve(self, n: int) -> None:
+        """Set aside the first attempt of a batch of ``n`` (never more than :meth:`room` said)."""
+        with self._lock:
+            if self.left is not None:
+                self.left -= n
+
+    def give_back(self, n: int) -> None:
+        with self._lock:
+            if self.left is not None:
+                self.left += n
+
     def take(self, n: int) -> bool:
+        """Calls for a retry, from what is not reserved."""
         with self._lock:
             if self._closed:
                 return False
@@ -141,6 +171,7 @@ class BatchResult:
     responses: list[Response]
     calls: int = 0
     requests: int = 0
+    reserved_used: int = 0  # calls of the first attempt, made on the batch's reservation
     unsent: list[str] = field(default_factory=list)
     auth_error: str | None = None
 
@@ -158,7 +189,7 @@ def harvest(cfg: HarvestConfig, progress: Callable[[int, int], None] | None = No
         teacher_id = store.teacher_id(teacher.spec, teacher.score_kind, {"top_k": cfg.top_k})
         paths = ingest(store, cfg.images, summary)
         answered = store.answered(teacher_id, paths)
-        todo = [sha for sha in paths if sha not in answered]
+        todo = select(cfg.select, [sha for sha in paths if sha not in answered], store.image_labels(paths), cfg.seed)
         summary.already_cached, summary.to_send = len(paths) - len(todo), len(todo)
         if cfg.dry_run:
             summary.estimated_cost_usd = round(len(todo) * cfg.cost_per_1k / 1000, 6)
@@ -222,6 +253,7 @@ class _Run:
                     for fut, batch in running.items():
                         if fut.cancel():  # never started: its calls were counted, not made
                             self._add_usage(-len(batch))
+                            self.budget.give_back(len(batch))
         finally:
             # Claims never answered (cancelled, over budget, stopped by a bad key) go back at
             # once, so a rerun need not wait for their lease to run out.
@@ -251,10 +283,18 @@ class _Run:
                     progress(self.summary.succeeded + self.summary.failed, self.summary.to_send)
 
     def _claim_next(self, queue) -> list[str]:
-        """Claim up to a batch of images from the queue; others' live claims are skipped."""
-        wanted = [queue.popleft() for _ in range(min(self.teacher.max_batch, len(queue)))]
+        """Claim up to a batch of images from the queue, no more than the budget has room for
+        (it reserves them); others' live claims are skipped."""
+        room = self.budget.room(min(self.teacher.max_batch, len(queue)))
+        if not room:
+            if not self.budget.closed and not self.summary.stopped:
+                self.summary.stopped = _budget_message(self.budget)
+            queue.clear()
+            return []
+        wanted = [queue.popleft() for _ in range(room)]
         claimed = self.store.claim(self.teacher_id, wanted, self.owner, self.cfg.lease_s)
         self.summary.busy_elsewhere += len(wanted) - len(claimed)
+        self.budget.reserve(len(claimed))
         if claimed:
             # Counted before sending, corrected when the answers come back (_store): a harvester
             # killed with calls in flight has already counted them against the daily quota.
@@ -267,6 +307,7 @@ class _Run:
     def _store(self, result: BatchResult, counted: int) -> None:
         """Store a batch's answers; ``counted`` calls were added to the usage when it was claimed."""
         store, s = self.store, self.summary
+        self.budget.give_back(counted - result.reserved_used)  # images never sent on the reservation
         if result.responses:
             store.record(self.teacher_id, result.responses)
         if result.calls != counted:  # retries add calls; a batch never sent takes its count back
@@ -354,7 +395,9 @@ def _with_retries(teacher, uploads, cfg, limiter, budget, result: BatchResult):
     policy = retry_policy(cfg.max_attempts, wait_scale=cfg.wait_scale)
     for attempt in policy:
         with attempt:
-            if not budget.take(len(uploads)):
+            if result.requests == 0 and not budget.closed:  # the first attempt: reserved at claim time
+                result.reserved_used = len(uploads)
+            elif not budget.take(len(uploads)):
                 raise BudgetReached()
             limiter.acquire()
             result.calls += len(uploads)
