@@ -105,12 +105,19 @@ def run_demo(workdir: Path, epochs: int = 30, log: Callable[[str], None] = print
     # barrier (measured: epochs of 90 s instead of 5 s with 2 threads beside another job).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    # The demo is offline by promise: --pretrained auto looks in the caches only (DISTILL_OFFLINE).
+    offline_before = os.environ.get("DISTILL_OFFLINE")
+    os.environ["DISTILL_OFFLINE"] = "1"
     try:
         t = train(TrainConfig(images=str(train_dir), db=db, teachers=["local"],
                               label_map=str(label_map), other=True, width=0.5, image_size=96,
                               epochs=epochs, batch_size=16, lr=1e-2, out=str(out), seed=0))
     finally:
         torch.set_num_threads(threads)
+        if offline_before is None:
+            os.environ.pop("DISTILL_OFFLINE", None)
+        else:
+            os.environ["DISTILL_OFFLINE"] = offline_before
     # Offline, --pretrained auto finds no ImageNet weights for x0.5 unless timm's are cached: say which.
     log(f"    started from {'random init' if t['weights'] == 'random' else t['weights']}; "
         f"best epoch {t['best_epoch']} of {t['epochs']}")

@@ -47,7 +47,7 @@ def create_mobilenetv2(
 def _imagenet_mobilenetv2(width: float, mode: str) -> tuple[nn.Module | None, Weights]:
     """A 1000-class MobileNetV2 with ImageNet weights from the caches or a download; (None, a
     random-init note) when ``auto`` finds none, a ValueError when ``on`` does not."""
-    what = f"mobilenetv2 x{width:g}"
+    what = f"mobilenetv2 x{width}"
     if width != 1.0 and width not in TIMM_WEIGHTS:
         have = ", ".join(f"{w:g}" for w in sorted([1.0, *TIMM_WEIGHTS]))
         return None, cannot(what, mode, f"weights are published for widths {have} only")
@@ -58,8 +58,8 @@ def _imagenet_mobilenetv2(width: float, mode: str) -> tuple[nn.Module | None, We
     else:
         source = f"timm:{TIMM_WEIGHTS[width]}"
         cached = timm_cached(TIMM_WEIGHTS[width])
-        if cached is None and offline():
-            return None, cannot(what, mode, "not in the Hugging Face cache, and downloads are off")
+        if cached is None and offline("huggingface.co"):
+            return None, cannot(what, mode, "not in the Hugging Face cache, and huggingface.co is off or out of reach")
     try:
         if width == 1.0:  # torchvision reuses its cache file, else downloads it
             return mobilenet_v2(weights=MobileNet_V2_Weights.DEFAULT), Weights(source)

@@ -9,6 +9,7 @@ looks. ``DISTILL_OFFLINE=1`` or ``HF_HUB_OFFLINE=1`` limits ``auto``/``on`` to t
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,14 +50,27 @@ def mode_of(pretrained: bool | str) -> str:
     return pretrained
 
 
-def offline() -> bool:
-    """True when the user asked for no downloads (the caches are still read)."""
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes") for v in ("DISTILL_OFFLINE", "HF_HUB_OFFLINE"))
+def offline(host: str | None = None) -> bool:
+    """True when the user asked for no downloads (the caches are still read), or when ``host``
+    cannot be reached in 3 s: huggingface_hub would otherwise retry for ~45 s per file first."""
+    if any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes") for v in ("DISTILL_OFFLINE", "HF_HUB_OFFLINE")):
+        return True
+    if host is None:
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        return True
+    return False
 
 
 def normalisation(meta: dict | None) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    """(mean, std) from an init file's ``{"normalize": {"mean", "std"}}``, checked; None if absent."""
-    norm = (meta or {}).get("normalize")
+    """(mean, std) from an init file, checked; None if it says nothing. Read from ``normalize``
+    (an ImageNet weights file), else ``student`` (an earlier run's model.pt) or ``weights`` (its
+    last.pt): a student started from an earlier run is fed as that run was."""
+    meta = meta or {}
+    norm = next((meta[k] for k in ("normalize", "student", "weights")
+                 if isinstance(meta.get(k), dict) and "mean" in meta[k]), None)
     if norm is None:
         return None
     try:

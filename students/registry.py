@@ -107,9 +107,12 @@ def _timm_pretrained(name: str, num_classes: int, mode: str) -> tuple[nn.Module,
     """timm's default ImageNet weights of ``name``: from the Hugging Face cache, else downloaded."""
     import timm
 
-    cached = timm_cached(name)
-    if cached is None and offline():
-        return timm.create_model(name, num_classes=num_classes), cannot(name, mode, "not cached, and downloads are off")
+    try:
+        cached = timm_cached(name)
+    except RuntimeError as e:  # timm: "Invalid pretrained tag" and the like
+        raise ValueError(f"student {name}: {first_line(e)}") from None
+    if cached is None and offline("huggingface.co"):
+        return timm.create_model(name, num_classes=num_classes), cannot(name, mode, "not cached, and huggingface.co is off or out of reach")
     overlay = {"file": cached} if cached else None
     try:
         model = timm.create_model(name, num_classes=num_classes, pretrained=True, pretrained_cfg_overlay=overlay)

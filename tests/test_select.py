@@ -76,3 +76,12 @@ def test_balanced_goes_round_the_folders():
     assert Counter(labels[s] for s in picked) == {f: 2 for f in FOLDERS}
     assert select("random", shas, labels, seed=3) == select("random", list(reversed(shas)), labels, seed=3)
     assert sorted(select("random", shas, labels, seed=4)) == sorted(shas)
+
+
+def test_retries_under_a_tight_budget_never_overspend_and_spend_it_all(images, start_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", SERVER_TOKEN)
+    server = start_server(fail_rate=0.3, fail_modes=("error",))
+    s = harvest(HarvestConfig(images=str(images), teacher="hf:acme/tiny", endpoint=endpoints(server)["hf"],
+                              db=str(tmp_path / "t.db"), max_calls=20, concurrency=3, wait_scale=0))
+    assert s["calls"] == 20  # every call of the budget used, retries included, and not one more
+    assert s["succeeded"] + s["failed"] <= 20 and "--max-calls reached" in s["stopped"]

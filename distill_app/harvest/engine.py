@@ -28,7 +28,7 @@ from ..data import images as imgs
 from ..errors import DistillError
 from .pacing import RateLimiter, retry_policy
 from .select import STRATEGIES, select
-from ..teachers import AuthError, Teacher, TeacherOptions, TransientError, create_teacher
+from ..teachers import Teacher, TeacherOptions, TransientError, create_teacher
 from .upload import prepare_upload
 
 log = logging.getLogger("distill.harvest")
@@ -137,16 +137,16 @@ class Budget:
     def closed(self) -> bool:
         return self._closed
 
-    def room(self, n: int) -> int:
-        """How many of ``n`` images a new batch may hold (0: the budget is spent)."""
+    def reserve(self, n: int) -> int:
+        """Set aside the first attempt of a new batch of up to ``n`` images; returns how many it may
+        hold (0: no room now). One step under the lock: retries on other threads take calls too."""
         with self._lock:
-            return 0 if self._closed else n if self.left is None else min(n, self.left)
-
-    def reserve(self, n: int) -> None:
-        """Set aside the first attempt of a batch of ``n`` (never more than :meth:`room` said)."""
-        with self._lock:
+            if self._closed:
+                return 0
+            k = n if self.left is None else max(0, min(n, self.left))
             if self.left is not None:
-                self.left -= n
+                self.left -= k
+            return k
 
     def give_back(self, n: int) -> None:
         with self._lock:
@@ -265,36 +265,54 @@ class _Run:
         s.estimated_cost_usd = round(s.calls * self.cfg.cost_per_1k / 1000, 6)
 
     def _pump(self, pool, queue, running, progress) -> None:
-        """Keep up to 2 x workers batches in flight; store each batch's answers as it completes."""
-        while queue or running:
+        """Keep up to 2 x workers batches in flight; store each batch's answers as it completes.
+        Images a batch could not send (a retry found the budget spent) go back to the front of
+        the queue, for a later batch cut to what is left; the run stops when nothing is in flight
+        and the budget has no room."""
+        while True:
             while queue and len(running) < self.workers * 2 and not self.summary.stopped:
                 batch = self._claim_next(queue)
+                if batch is None:  # no room now; batches in flight may give calls back
+                    break
                 if batch:
                     fut = pool.submit(_call_batch, self.teacher, batch, self.paths, self.cfg,
                                       self.limiter, self.budget)
                     running[fut] = batch
             if not running:
+                if queue and not self.summary.stopped and not self.budget.closed:
+                    self.summary.stopped = _budget_message(self.budget)
                 break
             done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            fatal = None
             for fut in done:
                 batch = running.pop(fut)
-                self._store(fut.result(), counted=len(batch))
+                result = fut.result()
+                try:
+                    self._store(result, counted=len(batch))
+                except DistillError as e:  # the whole run stops; what others paid for is stored first
+                    fatal = fatal or e
+                if result.unsent and not self.budget.closed:
+                    queue.extendleft(reversed(result.unsent))
                 if progress:
                     progress(self.summary.succeeded + self.summary.failed, self.summary.to_send)
+            if fatal:
+                for fut in cf.as_completed(list(running)):  # the budget is closed: they finish fast
+                    try:
+                        self._store(fut.result(), counted=len(running.pop(fut)))
+                    except DistillError:
+                        pass
+                raise fatal
 
-    def _claim_next(self, queue) -> list[str]:
+    def _claim_next(self, queue) -> list[str] | None:
         """Claim up to a batch of images from the queue, no more than the budget has room for
-        (it reserves them); others' live claims are skipped."""
-        room = self.budget.room(min(self.teacher.max_batch, len(queue)))
+        (reserved for them); others' live claims are skipped. None: the budget has no room now."""
+        room = self.budget.reserve(min(self.teacher.max_batch, len(queue)))
         if not room:
-            if not self.budget.closed and not self.summary.stopped:
-                self.summary.stopped = _budget_message(self.budget)
-            queue.clear()
-            return []
+            return None
         wanted = [queue.popleft() for _ in range(room)]
         claimed = self.store.claim(self.teacher_id, wanted, self.owner, self.cfg.lease_s)
         self.summary.busy_elsewhere += len(wanted) - len(claimed)
-        self.budget.reserve(len(claimed))
+        self.budget.give_back(room - len(claimed))
         if claimed:
             # Counted before sending, corrected when the answers come back (_store): a harvester
             # killed with calls in flight has already counted them against the daily quota.
@@ -325,8 +343,6 @@ class _Run:
                 self.failed[r.error] += 1
         if result.auth_error:
             raise DistillError(result.auth_error)
-        if result.unsent and not s.stopped:
-            s.stopped = _budget_message(self.budget)
 
 
 def _release_dead_claims(store: Store, teacher_id: int) -> None:
@@ -373,8 +389,8 @@ def _call_batch(teacher, batch, paths, cfg, limiter, budget) -> BatchResult:
     except BudgetReached:
         result.unsent = ready
         return result
-    except AuthError as e:
-        budget.close()  # the other threads must not send more requests with a rejected key
+    except DistillError as e:  # AuthError (a rejected key), a redirect, an untrusted certificate, ...
+        budget.close()  # the other threads must not send more requests; theirs are stored first
         result.auth_error = str(e)
         result.unsent = ready
         return result
