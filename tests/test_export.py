@@ -145,3 +145,15 @@ def test_cli_export_json(run, photos):
     assert Path(summary["out"]).exists()
     bad = CliRunner().invoke(app, ["export", "--student", str(run), "--format", "tflite"])
     assert bad.exit_code == 2  # bad usage
+
+
+def test_int8_without_db_calibrates_on_the_store_the_run_recorded(tmp_path, photos):
+    db = tmp_path / "elsewhere" / "answers.db"
+    db.parent.mkdir()
+    store_with_answers(db, photos)
+    run = tmp_path / "recorded"
+    save_test_student(run / "model.pt", decisive_student(len(CLASSES), SIZE), CLASSES, [TEACHER], SIZE,
+                      config={"db": str(db), "images": str(photos), "label_map": None})
+    result = export_student(ExportConfig(student=str(run), format="onnx", int8=True, latency_runs=1, latency_batch=2))
+    assert str(db) in result["quantization"]["calibration"]["source"]
+    assert not (tmp_path / "distill.db").exists()  # the default store was never created

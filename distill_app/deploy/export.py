@@ -238,8 +238,10 @@ def folder_images(folder: str, meta: StudentFile, limit: int | None = None) -> I
 
 
 def harvested_images(db: str | None, meta: StudentFile, limit: int) -> ImageSet:
-    """Up to ``limit`` images the student's teacher answered, those under its training folder first."""
-    path = db or default_db_path()
+    """Up to ``limit`` images the student's teacher answered, those under its training folder first,
+    from ``db``, else the store the run recorded (its config.json), else the default store."""
+    trained_with = meta.config.get("db")
+    path = db or (trained_with if trained_with and Path(trained_with).exists() else default_db_path())
     if not Path(path).exists():
         raise DistillError(f"no database at {path} for calibration images: pass --db or --calib-images DIR")
     spec = first_teacher(meta.teachers)
