@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import students.pruned  # noqa: F401  (registers mobilenetv2_pruned: pruned runs evaluate too)
 from cache import default_db_path, open_store
 from students import StudentConfig, count_macs, count_params
 

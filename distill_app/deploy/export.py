@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import students.pruned  # noqa: F401  (registers mobilenetv2_pruned, so pruned runs export too)
 from cache import default_db_path, open_store
 
 from ..training.checkpoint import StudentFile, open_student
