@@ -61,12 +61,15 @@ def _imagenet_mobilenetv2(width: float, mode: str) -> tuple[nn.Module | None, We
         if cached is None and offline("huggingface.co"):
             return None, cannot(what, mode, "not in the Hugging Face cache, and huggingface.co is off or out of reach")
     try:
-        if width == 1.0:  # torchvision reuses its cache file, else downloads it
-            return mobilenet_v2(weights=MobileNet_V2_Weights.DEFAULT), Weights(source)
-        import timm
+        # fork_rng: an attempt (failed or not) leaves the seeded RNG as it was, so a random-init
+        # fallback is the same whether or not a download was tried.
+        with torch.random.fork_rng(devices=[]):
+            if width == 1.0:  # torchvision reuses its cache file, else downloads it
+                return mobilenet_v2(weights=MobileNet_V2_Weights.DEFAULT), Weights(source)
+            import timm
 
-        overlay = {"file": cached} if cached else None
-        timm_model = timm.create_model(TIMM_WEIGHTS[width], pretrained=True, pretrained_cfg_overlay=overlay)
+            overlay = {"file": cached} if cached else None
+            timm_model = timm.create_model(TIMM_WEIGHTS[width], pretrained=True, pretrained_cfg_overlay=overlay)
     except Exception as exc:  # URLError, HF hub errors, ... all mean "could not download"
         return None, cannot(what, mode, f"cannot download them: {first_line(exc)}")
     model = mobilenet_v2(width_mult=width)

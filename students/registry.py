@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
+import torch
 from torch import nn
 
 from .pretrained import (IMAGENET_MEAN, IMAGENET_STD, RANDOM, Weights, cannot, mode_of, normalisation, offline,
@@ -115,7 +116,8 @@ def _timm_pretrained(name: str, num_classes: int, mode: str) -> tuple[nn.Module,
         return timm.create_model(name, num_classes=num_classes), cannot(name, mode, "not cached, and huggingface.co is off or out of reach")
     overlay = {"file": cached} if cached else None
     try:
-        model = timm.create_model(name, num_classes=num_classes, pretrained=True, pretrained_cfg_overlay=overlay)
+        with torch.random.fork_rng(devices=[]):  # a failed attempt leaves the seeded RNG as it was
+            model = timm.create_model(name, num_classes=num_classes, pretrained=True, pretrained_cfg_overlay=overlay)
     except Exception as exc:  # HF hub / URL errors come in many types
         weights = cannot(name, mode, f"cannot download them: {first_line(exc)}")
         return timm.create_model(name, num_classes=num_classes), weights
