@@ -23,7 +23,7 @@ import torch
 from cache import default_db_path, open_store
 
 from ..training.checkpoint import StudentFile, open_student
-from .measure import (EXPORT_FORMAT, Candidate, interleaved_latency, onnx_candidate, require_onnx, torch_candidate,
+from .measure import (EXPORT_FORMAT, Candidate, interleaved_latency, onnx_candidate, ratio, require_onnx, torch_candidate,
                       torch_threads)
 from ..errors import DistillError
 from ..data.images import list_images
@@ -364,9 +364,9 @@ def _quantize_and_compare(cfg: ExportConfig, model, meta: StudentFile, fp32: Can
             "threads": threads, "models": rows,
             "accuracy_change": _diff(after["accuracy"], before["accuracy"]),
             "agreement_int8_vs_fp32": after["agreement"],
-            "speedup_batch1": _ratio(before["ms_batch1"], after["ms_batch1"]),
-            "speedup_batch1_vs_pytorch": _ratio(by_name["pytorch fp32"]["ms_batch1"], after["ms_batch1"]),
-            "size_ratio": _ratio(before["file_bytes"], after["file_bytes"])}
+            "speedup_batch1": ratio(before["ms_batch1"], after["ms_batch1"]),
+            "speedup_batch1_vs_pytorch": ratio(by_name["pytorch fp32"]["ms_batch1"], after["ms_batch1"]),
+            "size_ratio": ratio(before["file_bytes"], after["file_bytes"])}
 
 
 def compare_candidates(candidates: list[Candidate], images: ImageSet, cfg: ExportConfig) -> list[dict]:
@@ -399,10 +399,6 @@ def _runtime(fmt: str) -> str:
 
         return f"onnxruntime {onnxruntime.__version__} (CPUExecutionProvider)"
     return f"torch {torch.__version__} (torch.jit.load)"
-
-
-def _ratio(a, b) -> float | None:
-    return round(a / b, 2) if a is not None and b else None
 
 
 def _diff(a, b) -> float | None:

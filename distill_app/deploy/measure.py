@@ -5,6 +5,7 @@ TorchScript or onnxruntime), latency of one model, and latency of several measur
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from contextlib import contextmanager
@@ -138,3 +139,10 @@ def student_latency(model: torch.nn.Module, image_size: int, options: LatencyOpt
         "ms_per_image_batched": round(batched / options.batch, 3),
         "teacher": None,
     }
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b`` rounded to 2 places (a speed-up, a size ratio); None when it has no value."""
+    if a is None or not b or not math.isfinite(a / b):
+        return None
+    return round(a / b, 2)

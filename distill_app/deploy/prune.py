@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -39,7 +38,7 @@ from ..training.config import TrainConfig
 from ..training.data import TrainData, prepare_data
 from ..training.distributed import Ranks
 from ..training.loop import Run, check_batches, evaluate, new_run, train_epoch
-from .measure import interleaved_latency, torch_candidate
+from .measure import interleaved_latency, ratio, torch_candidate
 
 log = logging.getLogger(__name__)
 
@@ -285,11 +284,7 @@ def _latency_before_after(original: nn.Module, pruned: nn.Module, meta: StudentF
     ms = interleaved_latency(candidates, batches=(1, 32), runs=runs)
     return {"before": ms["before"], "after": ms["after"],
             "about": {"device": "cpu", "threads": torch.get_num_threads(), "runs": runs,
-                      "speedup_batch1": _ratio(ms["before"]["ms_batch1"], ms["after"]["ms_batch1"])}}
-
-
-def _ratio(a: float, b: float) -> float | None:
-    return round(a / b, 2) if b and math.isfinite(a / b) else None
+                      "speedup_batch1": ratio(ms["before"]["ms_batch1"], ms["after"]["ms_batch1"])}}
 
 
 def _save_run(out: Path, model: nn.Module, meta: StudentFile, cfg: PruneConfig, summary: dict,

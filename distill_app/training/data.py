@@ -11,7 +11,7 @@ import numpy as np
 
 from cache import StoreError, default_db_path, open_store
 
-from ..data.images import scan_images as scan_images_in
+from ..data.images import list_images
 from ..data.label_check import folder_label_map, suggest_label_map
 from ..data.targets import (LabelMap, build_targets, default_classes, ensemble, folder_classes, hard_labels,
                             load_label_map, teacher_argmax, with_other)
@@ -38,14 +38,11 @@ class TrainData:
 
 
 def scan_images(root: str, progress: Progress | None) -> tuple[dict[str, tuple[str, str | None]], int]:
-    """(sha256 -> (path, folder label), files skipped); the same content twice is one image."""
+    """(sha256 -> (path, folder label), files skipped): :func:`data.images.list_images` as the
+    trainer uses it (the same content twice is one image; none usable is a DistillError)."""
     report = progress and (lambda done, total: progress(0, done, total, {"phase": "images"}))
-    scanned = scan_images_in(root, report)
-    found = {i.sha256: (i.path, i.label) for i in scanned.distinct()}
-    skipped = sum(scanned.skipped.values())
-    if not found:
-        raise DistillError(f"no usable images under {root} ({skipped} files skipped): check --images")
-    return found, skipped
+    found = list_images(root, report)
+    return dict(zip(found.shas, zip(found.paths, found.labels))), sum(found.skipped.values())
 
 
 def read_answers(cfg: TrainConfig, shas: list[str]) -> list[tuple[str, float, str, dict]]:
