@@ -48,7 +48,8 @@ def harvest(
     teacher: str = typer.Option("local", help="Teacher spec: local, timm:NAME, hf:OWNER/MODEL, google, azure."),
     endpoint: Optional[str] = typer.Option(None, help="Exact URL to POST to (remote teachers)."),
     db: Optional[str] = typer.Option(None, help=DB_HELP),
-    rate: Optional[float] = typer.Option(None, help="Requests per second, all threads together (> 0)."),
+    rate: Optional[str] = typer.Option(None, help="Requests per second, all threads together (> 0), or 'auto': "
+                                       "find what the server allows (slows on 429s either way)."),
     concurrency: int = typer.Option(4, min=1, help="Requests in flight."),
     max_calls: Optional[int] = typer.Option(None, min=0, help="Images to send in this run at most."),
     daily_quota: Optional[int] = typer.Option(None, min=0, help="Images per UTC day for this teacher, across runs."),
@@ -70,7 +71,7 @@ def harvest(
     from .harvest.engine import HarvestConfig, harvest as run_harvest
 
     cfg = HarvestConfig(
-        images=str(images), teacher=teacher, endpoint=endpoint, db=db, rate=rate,
+        images=str(images), teacher=teacher, endpoint=endpoint, db=db, rate=_rate(rate),
         concurrency=concurrency, max_calls=max_calls, daily_quota=daily_quota, top_k=top_k,
         upload_size=upload_size, cost_per_1k=cost_per_1k, dry_run=dry_run, device=device,
         batch_size=batch_size, select=select, seed=seed,
@@ -82,6 +83,18 @@ def harvest(
         emit_json(summary)
 
 
+def _rate(value: str | None) -> float | str | None:
+    if value is None:
+        return None
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(value)
+    except ValueError:
+        raise DistillError(f"--rate must be a positive number of requests per second or 'auto', "
+                           f"got {value!r}") from None
+
+
 def _print_harvest(s: dict) -> None:
     verb = "would send" if s["dry_run"] else "sent"
     err.print(f"teacher {s['teacher']}  db {s['db']}", markup=False)
@@ -91,9 +104,18 @@ def _print_harvest(s: dict) -> None:
         f"failed {s['failed']}  skipped files {s['skipped_files']}", markup=False)
     for reason, n in {**s["failed_by_reason"], **s["skipped_by_reason"]}.items():
         err.print(f"  {n:6d}  {reason}", markup=False)
+    speed = f"{s['images_per_s']:.2f} images/s"
+    if s["load_s"] is not None:  # a local teacher: images, not requests, and loading apart
+        speed += f" (model loaded in {s['load_s']:.1f}s)"
+    else:
+        speed += f"  {s['requests_per_s']:.2f} requests/s"
+        if s["throttled"]:
+            speed += f"  {s['throttled']} times HTTP 429, pacing at {s['final_rate']} requests/s"
+        if s["paused_s"]:
+            speed += f"  paused {s['paused_s']:.1f}s (HTTP 503 for every call)"
     err.print(
         f"calls today {s['calls_today']}  estimated cost ${s['estimated_cost_usd']:.4f}  "
-        f"elapsed {s['elapsed_s']:.1f}s  {s['requests_per_s']:.2f} requests/s", markup=False)
+        f"elapsed {s['elapsed_s']:.1f}s  {speed}", markup=False)
     if s.get("stopped"):
         err.print(f"stopped: {s['stopped']}", markup=False)
 

@@ -200,7 +200,7 @@ def _an_unexpected_internal_error(run: Channels, start, monkeypatch) -> None:
             raise RuntimeError(f"internal bug near 'Authorization: Bearer {HF_KEY}'") from e
 
     with monkeypatch.context() as m:
-        m.setattr(harvest_module, "_with_retries", bug)
+        m.setattr(harvest_module, "_attempt", bug)
         (run.photos / "cat" / "new.png").write_bytes(_png())  # something left to send
         res = run.harvest("internal error", "google", start(token=GOOGLE_KEY)["google"], exit_code=1,
                           env={"DISTILL_DEBUG": "1"})

@@ -14,6 +14,8 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import datetime as dt
+import heapq
+import itertools
 import logging
 import os
 import threading
@@ -26,7 +28,7 @@ from cache import ImageRow, Response, Store, open_store
 
 from ..data import images as imgs
 from ..errors import DistillError
-from .pacing import RateLimiter, retry_policy
+from .pacing import AUTO, RateLimiter, retry_policy
 from .select import STRATEGIES, select
 from ..teachers import Teacher, TeacherOptions, TransientError, create_teacher
 from .upload import prepare_upload
@@ -40,7 +42,7 @@ class HarvestConfig:
     teacher: str = "local"
     endpoint: str | None = None
     db: str | None = None
-    rate: float | None = None  # requests per second, shared by all threads
+    rate: float | str | None = None  # requests per second, shared by all threads; "auto": find it
     concurrency: int = 4  # requests in flight
     max_calls: int | None = None  # images sent in this run
     daily_quota: int | None = None  # images sent per UTC day to this teacher, across runs
@@ -61,7 +63,8 @@ class HarvestConfig:
 def check_config(cfg: HarvestConfig) -> None:
     """DistillError, echoing the value, for a flag out of range: before any file is scanned."""
     checks = [
-        (cfg.rate is None or cfg.rate > 0, f"--rate must be a positive number of requests per second, got {cfg.rate}"),
+        (cfg.rate in (None, AUTO) or (isinstance(cfg.rate, (int, float)) and cfg.rate > 0),
+         f"--rate must be a positive number of requests per second or 'auto', got {cfg.rate}"),
         (cfg.concurrency >= 1, f"--concurrency must be at least 1, got {cfg.concurrency}"),
         (cfg.max_calls is None or cfg.max_calls >= 0, f"--max-calls must be >= 0, got {cfg.max_calls}"),
         (cfg.daily_quota is None or cfg.daily_quota >= 0, f"--daily-quota must be >= 0, got {cfg.daily_quota}"),
@@ -98,15 +101,16 @@ class Summary:
     estimated_cost_usd: float = 0.0
     elapsed_s: float = 0.0
     requests_per_s: float = 0.0
+    images_per_s: float = 0.0  # answered images per second of sending (a local teacher's speed)
+    load_s: float | None = None  # a local teacher: loading the model, apart from answering
+    throttled: int = 0  # 429s received
+    paused_s: float = 0.0  # sending paused for everyone: every call in flight got a 503
+    final_rate: float | None = None  # the pacer's requests/s at the end (--rate auto: what it found)
     stopped: str | None = None  # why the run stopped before the end (budget), with when to resume
     dry_run: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-class BudgetReached(Exception):
-    pass
 
 
 class Budget:
@@ -194,6 +198,10 @@ def harvest(cfg: HarvestConfig, progress: Callable[[int, int], None] | None = No
         if cfg.dry_run:
             summary.estimated_cost_usd = round(len(todo) * cfg.cost_per_1k / 1000, 6)
         elif todo:
+            if hasattr(teacher, "load"):  # a local model: its loading is not answering time
+                t0 = time.monotonic()
+                teacher.load()
+                summary.load_s = round(time.monotonic() - t0, 3)
             _Run(store, teacher, teacher_id, cfg, paths, summary).send(todo, progress)
         summary.calls_today = store.calls_on(teacher_id)
     finally:
@@ -228,17 +236,27 @@ def ingest(store: Store, images_dir: str, summary: Summary) -> dict[str, str]:
 
 
 class _Run:
-    """The sending phase of one harvest: claims, threads, and the store writes of the answers."""
+    """The sending phase of one harvest: claims, threads, retries, and the store writes.
+
+    Worker threads make one attempt each and return. A failed attempt goes back to the main
+    thread, which schedules the retry at a not-before time and meanwhile keeps the workers on
+    other calls: a retry never holds a slot while it waits (see pacing.py for the shared
+    signals: 429s slow the pacer, an all-503 phase pauses everyone).
+    """
 
     def __init__(self, store: Store, teacher: Teacher, teacher_id: int, cfg: HarvestConfig,
                  paths: dict[str, str], summary: Summary):
         self.store, self.teacher, self.teacher_id, self.cfg = store, teacher, teacher_id, cfg
         self.paths, self.summary = paths, summary
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.limiter = RateLimiter(cfg.rate if teacher.remote else None)
         self.workers = max(1, cfg.concurrency) if teacher.remote else 1
+        self.limiter = RateLimiter(cfg.rate if teacher.remote else None, senders=self.workers)
+        self.policy = retry_policy(cfg.max_attempts, wait_scale=cfg.wait_scale)
         self.failed: collections.Counter = collections.Counter()
         self.budget = Budget(cfg.max_calls, cfg.daily_quota, store.calls_on(teacher_id))
+        self.waiting: list[tuple[float, int, _Job]] = []  # retries, a heap by not-before time
+        self.running: dict[cf.Future, _Job] = {}
+        self._jobs = itertools.count()
 
     def send(self, todo: list[str], progress: Callable[[int, int], None] | None) -> None:
         _release_dead_claims(self.store, self.teacher_id)
@@ -246,14 +264,13 @@ class _Run:
         started = time.monotonic()
         try:
             with cf.ThreadPoolExecutor(self.workers, thread_name_prefix="harvest") as pool:
-                running: dict[cf.Future, list[str]] = {}
                 try:
-                    self._pump(pool, queue, running, progress)
+                    self._pump(pool, queue, progress)
                 finally:
-                    for fut, batch in running.items():
-                        if fut.cancel():  # never started: its calls were counted, not made
-                            self._add_usage(-len(batch))
-                            self.budget.give_back(len(batch))
+                    # Jobs that will not be stored: a cancelled one never started its attempt.
+                    idle = [job for fut, job in self.running.items() if fut.cancel()]
+                    for job in idle + [job for _, _, job in self.waiting]:
+                        self._add_usage(job.result.calls - len(job.batch))  # counted at claim
         finally:
             # Claims never answered (cancelled, over budget, stopped by a bad key) go back at
             # once, so a rerun need not wait for their lease to run out.
@@ -262,46 +279,99 @@ class _Run:
         s.failed_by_reason = dict(self.failed.most_common())
         elapsed = time.monotonic() - started
         s.requests_per_s = round(s.requests / elapsed, 3) if elapsed > 0 else 0.0
+        s.images_per_s = round(s.succeeded / elapsed, 3) if elapsed > 0 else 0.0
         s.estimated_cost_usd = round(s.calls * self.cfg.cost_per_1k / 1000, 6)
+        s.throttled = self.limiter.throttles
+        s.paused_s = round(self.limiter.paused_s, 3)
+        s.final_rate = round(self.limiter.rate, 2) if self.limiter.rate else None
 
-    def _pump(self, pool, queue, running, progress) -> None:
-        """Keep up to 2 x workers batches in flight; store each batch's answers as it completes.
-        Images a batch could not send (a retry found the budget spent) go back to the front of
-        the queue, for a later batch cut to what is left; the run stops when nothing is in flight
-        and the budget has no room."""
+    def _pump(self, pool, queue, progress) -> None:
+        """Keep up to 2 x workers attempts in flight, due retries first; store each batch's
+        answers as it settles. Images a batch could not send (a retry found the budget spent) go
+        back to the front of the queue, for a later batch cut to what is left; the run stops when
+        nothing is in flight or waiting and the budget has no room."""
+        fatal = None
         while True:
-            while queue and len(running) < self.workers * 2 and not self.summary.stopped:
+            now = time.monotonic()
+            while self.waiting and self.waiting[0][0] <= now and len(self.running) < self.workers * 2:
+                job = heapq.heappop(self.waiting)[2]
+                if fatal is None and self.budget.take(len(job.ready)):
+                    self._submit(pool, job)
+                else:
+                    job.result.unsent = job.ready
+                    fatal = self._settle(job, queue, progress) or fatal
+            while queue and len(self.running) < self.workers * 2 and fatal is None \
+                    and not self.summary.stopped:
                 batch = self._claim_next(queue)
                 if batch is None:  # no room now; batches in flight may give calls back
                     break
                 if batch:
-                    fut = pool.submit(_call_batch, self.teacher, batch, self.paths, self.cfg,
-                                      self.limiter, self.budget)
-                    running[fut] = batch
-            if not running:
-                if queue and not self.summary.stopped and not self.budget.closed:
+                    self._submit(pool, _Job(batch, BatchResult(responses=[])))
+            if not self.running:
+                if self.waiting:
+                    time.sleep(max(0.0, self.waiting[0][0] - now))
+                    continue
+                if queue and not self.summary.stopped and not self.budget.closed and fatal is None:
                     self.summary.stopped = _budget_message(self.budget)
                 break
-            done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-            fatal = None
+            timeout = max(0.0, self.waiting[0][0] - now) if self.waiting else None
+            done, _ = cf.wait(self.running, timeout=timeout, return_when=cf.FIRST_COMPLETED)
             for fut in done:
-                batch = running.pop(fut)
-                result = fut.result()
-                try:
-                    self._store(result, counted=len(batch))
-                except DistillError as e:  # the whole run stops; what others paid for is stored first
-                    fatal = fatal or e
-                if result.unsent and not self.budget.closed:
-                    queue.extendleft(reversed(result.unsent))
-                if progress:
-                    progress(self.summary.succeeded + self.summary.failed, self.summary.to_send)
-            if fatal:
-                for fut in cf.as_completed(list(running)):  # the budget is closed: they finish fast
-                    try:
-                        self._store(fut.result(), counted=len(running.pop(fut)))
-                    except DistillError:
-                        pass
-                raise fatal
+                job = self.running.pop(fut)
+                if self._outcome(job, fut):
+                    fatal = self._settle(job, queue, progress) or fatal
+            if fatal:  # what is waiting will not be sent: the budget is closed
+                for _, _, job in self.waiting:
+                    job.result.unsent = job.ready
+                    self._settle(job, queue, progress)
+                self.waiting.clear()
+        if fatal:
+            raise fatal
+
+    def _submit(self, pool, job: _Job) -> None:
+        fut = pool.submit(_attempt, self, job)
+        self.running[fut] = job
+
+    def _outcome(self, job: _Job, fut: cf.Future) -> bool:
+        """Read one attempt's outcome into ``job``; False when the job waits for a retry."""
+        result = job.result
+        try:
+            answers = fut.result()
+        except _NotSent:
+            result.unsent = job.ready
+        except DistillError as e:  # AuthError (a rejected key), a redirect, an untrusted certificate, ...
+            self.budget.close()  # (closed already by the worker) what others paid for is stored first
+            result.auth_error = str(e)
+            result.unsent = job.ready
+        except TransientError as e:
+            if not self.policy.gives_up(result.requests):
+                wait = self.policy.wait(e, result.requests)
+                log.info("retrying after %s (attempt %d, in %.1fs)", e, result.requests, wait)
+                heapq.heappush(self.waiting, (time.monotonic() + wait, next(self._jobs), job))
+                return False
+            reason = f"{e.reason} (gave up after {result.requests} attempts)"
+            result.responses += [Response(sha, None, http_status=e.status, error=reason,
+                                          attempts=result.requests) for sha in job.ready]
+        else:
+            latency = job.elapsed * 1000 / max(1, len(job.ready))
+            for sha, a in zip(job.ready, answers):
+                result.responses.append(Response(sha, a.scores, raw=a.raw, http_status=a.http_status,
+                                                 error=a.error, latency_ms=a.latency_ms or latency,
+                                                 attempts=result.requests))
+        return True
+
+    def _settle(self, job: _Job, queue, progress) -> DistillError | None:
+        """Store a finished job; the DistillError that stops the run, if it brought one."""
+        fatal = None
+        try:
+            self._store(job.result, counted=len(job.batch))
+        except DistillError as e:  # the whole run stops; what others paid for is stored first
+            fatal = e
+        if job.result.unsent and not self.budget.closed:
+            queue.extendleft(reversed(job.result.unsent))
+        if progress:
+            progress(self.summary.succeeded + self.summary.failed, self.summary.to_send)
+        return fatal
 
     def _claim_next(self, queue) -> list[str] | None:
         """Claim up to a batch of images from the queue, no more than the budget has room for
@@ -368,60 +438,68 @@ def _owner_is_dead(owner: str) -> bool:
     return False
 
 
-def _call_batch(teacher, batch, paths, cfg, limiter, budget) -> BatchResult:
-    """One request (with its retries) for ``batch``; runs on a worker thread, touches no store."""
-    result = BatchResult(responses=[])
-    uploads, ready = [], []
-    for sha in batch:
+class _NotSent(Exception):
+    """The budget closed (a rejected key elsewhere) before this attempt went out."""
+
+
+@dataclass
+class _Job:
+    """A claimed batch on its way: its readable images, their uploads, what its attempts cost."""
+
+    batch: list[str]
+    result: BatchResult
+    ready: list[str] = field(default_factory=list)
+    uploads: list[bytes] | None = None  # prepared by the first attempt, on a worker thread
+    elapsed: float = 0.0  # seconds of the last attempt
+
+
+def _attempt(run: _Run, job: _Job) -> list:
+    """One request for ``job``; runs on a worker thread, touches no store. Raises what the
+    teacher raised, after telling the pacer what it says about the server; the main thread
+    decides about retries (a retry's calls are taken from the budget there, the first attempt's
+    were reserved when the batch was claimed)."""
+    teacher, limiter, budget = run.teacher, run.limiter, run.budget
+    if job.uploads is None:
+        _prepare(teacher, job, run.paths, run.cfg)
+    if not job.ready:
+        return []
+    limiter.acquire()
+    if budget.closed:  # checked after the wait for a slot, which may be long
+        raise _NotSent()
+    if job.result.requests == 0:
+        job.result.reserved_used = len(job.ready)
+    job.result.calls += len(job.ready)
+    job.result.requests += 1
+    t0 = time.monotonic()
+    try:
+        answers = teacher.classify(job.uploads)
+    except DistillError:  # a rejected key: the other workers must not send another request
+        budget.close()
+        raise
+    except TransientError as e:  # told here, not in the main thread: the others send meanwhile
+        if e.status == 429:
+            limiter.throttled()
+        elif e.status == 503:
+            limiter.unavailable(run.policy.wait(e, 1))
+        raise
+    job.elapsed = time.monotonic() - t0
+    if len(answers) != len(job.uploads):
+        raise TransientError(f"teacher answered {len(answers)} of {len(job.uploads)} images")
+    limiter.answered()
+    return answers
+
+
+def _prepare(teacher, job: _Job, paths, cfg) -> None:
+    job.uploads = []
+    for sha in job.batch:
         try:
             with open(paths[sha], "rb") as f:
                 data = f.read()
-            uploads.append(prepare_upload(data, cfg.upload_size)[0] if teacher.remote else data)
-            ready.append(sha)
+            job.uploads.append(prepare_upload(data, cfg.upload_size)[0] if teacher.remote else data)
+            job.ready.append(sha)
         except Exception as e:  # the file changed or vanished since the scan
-            result.responses.append(Response(sha, None, error=f"cannot read image: {type(e).__name__}",
-                                             attempts=0))
-    if not ready:
-        return result
-    t0 = time.monotonic()
-    try:
-        answers = _with_retries(teacher, uploads, cfg, limiter, budget, result)
-    except BudgetReached:
-        result.unsent = ready
-        return result
-    except DistillError as e:  # AuthError (a rejected key), a redirect, an untrusted certificate, ...
-        budget.close()  # the other threads must not send more requests; theirs are stored first
-        result.auth_error = str(e)
-        result.unsent = ready
-        return result
-    except TransientError as e:
-        reason = f"{e.reason} (gave up after {result.requests} attempts)"
-        result.responses += [Response(sha, None, http_status=e.status, error=reason,
-                                      attempts=result.requests) for sha in ready]
-        return result
-    latency = (time.monotonic() - t0) * 1000 / len(ready)
-    for sha, a in zip(ready, answers):
-        result.responses.append(Response(sha, a.scores, raw=a.raw, http_status=a.http_status,
-                                         error=a.error, latency_ms=a.latency_ms or latency,
-                                         attempts=result.requests))
-    return result
-
-
-def _with_retries(teacher, uploads, cfg, limiter, budget, result: BatchResult):
-    policy = retry_policy(cfg.max_attempts, wait_scale=cfg.wait_scale)
-    for attempt in policy:
-        with attempt:
-            if result.requests == 0 and not budget.closed:  # the first attempt: reserved at claim time
-                result.reserved_used = len(uploads)
-            elif not budget.take(len(uploads)):
-                raise BudgetReached()
-            limiter.acquire()
-            result.calls += len(uploads)
-            result.requests += 1
-            answers = teacher.classify(uploads)
-            if len(answers) != len(uploads):
-                raise TransientError(f"teacher answered {len(answers)} of {len(uploads)} images")
-    return answers
+            job.result.responses.append(Response(sha, None, error=f"cannot read image: {type(e).__name__}",
+                                                 attempts=0))
 
 
 def _budget_message(budget: Budget) -> str:
