@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -12,6 +13,7 @@ import typer
 
 from cache import default_db_path, open_store
 
+from . import printers
 from .console import emit_json, err, progress, user_errors
 from .errors import DistillError
 from .teachers.serve import TOKEN_ENV_VAR
@@ -78,7 +80,7 @@ def harvest(
     )
     with progress("harvest") as update:
         summary = run_harvest(cfg, progress=update)
-    _print_harvest(summary)
+    printers.print_harvest(summary)
     if json_out:
         emit_json(summary)
 
@@ -93,31 +95,6 @@ def _rate(value: str | None) -> float | str | None:
     except ValueError:
         raise DistillError(f"--rate must be a positive number of requests per second or 'auto', "
                            f"got {value!r}") from None
-
-
-def _print_harvest(s: dict) -> None:
-    verb = "would send" if s["dry_run"] else "sent"
-    err.print(f"teacher {s['teacher']}  db {s['db']}", markup=False)
-    err.print(
-        f"files {s['files_found']}  images {s['images']}  already cached {s['already_cached']}  "
-        f"{verb} {s['to_send'] if s['dry_run'] else s['sent']}  succeeded {s['succeeded']}  "
-        f"failed {s['failed']}  skipped files {s['skipped_files']}", markup=False)
-    for reason, n in {**s["failed_by_reason"], **s["skipped_by_reason"]}.items():
-        err.print(f"  {n:6d}  {reason}", markup=False)
-    speed = f"{s['images_per_s']:.2f} images/s"
-    if s["load_s"] is not None:  # a local teacher: images, not requests, and loading apart
-        speed += f" (model loaded in {s['load_s']:.1f}s)"
-    else:
-        speed += f"  {s['requests_per_s']:.2f} requests/s"
-        if s["throttled"]:
-            speed += f"  {s['throttled']} times HTTP 429, pacing at {s['final_rate']} requests/s"
-        if s["paused_s"]:
-            speed += f"  paused {s['paused_s']:.1f}s (HTTP 503 for every call)"
-    err.print(
-        f"calls today {s['calls_today']}  estimated cost ${s['estimated_cost_usd']:.4f}  "
-        f"elapsed {s['elapsed_s']:.1f}s  {speed}", markup=False)
-    if s.get("stopped"):
-        err.print(f"stopped: {s['stopped']}", markup=False)
 
 
 @app.command()
@@ -186,12 +163,12 @@ def train(
     with progress("train") as update:
         def report(epoch: int, step: int, steps: int, info: dict) -> None:
             if info.get("phase") == "epoch":
-                _print_epoch(epoch, cfg.epochs, info)
+                printers.print_epoch(epoch, cfg.epochs, info)
             else:
                 update(step, steps)
 
         summary = run_train(cfg, progress=report)
-    _print_trained(summary)
+    printers.print_trained(summary)
     if json_out:
         emit_json(summary)
 
@@ -216,18 +193,9 @@ def eval_cmd(
     result = evaluate(str(student), str(images), db_path=db or default_db_path(), teacher_spec=teacher)
     if report:
         result["report_files"] = write_report(result, str(report))
-    _print_eval(result)
+    printers.print_eval(result)
     if json_out:
         emit_json(result)
-
-
-def _print_eval(r: dict) -> None:
-    from .deploy.report import headline_rows
-
-    for name, value in headline_rows(r):
-        err.print(f"{name:<40} {value}", markup=False)
-    for row in r.get("per_class", []):
-        err.print(f"  {row['class']:<24} n={row['n']:<5} accuracy={row['accuracy']}", markup=False)
 
 
 @cache_app.command("stats")
@@ -278,39 +246,15 @@ def cache_labels(
         from .data.targets import load_label_map
 
         report = check_label_map(answers, load_label_map(label_map), top=limit)
-        _print_label_check(report)
+        printers.print_label_check(report)
         if json_out:
             emit_json(report)
         return
-    rows = _label_counts(answers)
+    rows = printers.label_counts(answers)
     for row in rows[:limit]:
         err.print(f"  {row['top1']:6d}  {row['mass']:10.3f}  {row['label']}", markup=False)
     if json_out:
         emit_json({"teacher": teacher, "labels": rows[:limit], "distinct_labels": len(rows)})
-
-
-def _print_label_check(r: dict) -> None:
-    err.print(f"{r['answers']} answers; the map covers {r['mapped_mass_share']:.1%} of the returned "
-              f"mass and {r['mapped_top1_share']:.1%} of top-1 labels", markup=False)
-    for c in r["classes"]:
-        labels = ", ".join(f"{x['label']} ({x['mass']})" for x in c["labels"][:4]) or "NOTHING MAPPED"
-        err.print(f"  {c['class']:<20} top-1 {c['top1']:6d}  mass {c['mass']:10.3f}  <- {labels}", markup=False)
-    if r["unmapped"]:
-        err.print("outside the map (top-1 count, mass):", markup=False)
-        for u in r["unmapped"]:
-            err.print(f"  {u['top1']:6d}  {u['mass']:10.3f}  {u['label']}", markup=False)
-
-
-def _label_counts(answers: dict) -> list[dict]:
-    top1: dict[str, int] = {}
-    mass: dict[str, float] = {}
-    for scores in answers.values():
-        if scores:
-            top1[scores[0][0]] = top1.get(scores[0][0], 0) + 1
-        for label, s in scores:
-            mass[label] = mass.get(label, 0.0) + s
-    rows = [{"label": k, "top1": top1.get(k, 0), "mass": round(v, 4)} for k, v in mass.items()]
-    return sorted(rows, key=lambda r: (-r["top1"], -r["mass"]))
 
 
 @cache_app.command("export")
@@ -407,6 +351,9 @@ def serve_teacher(
     rate: Optional[float] = typer.Option(None, min=0.001, help="Requests per second; more get 429 with Retry-After."),
     latency_ms: float = typer.Option(0.0, min=0.0, help="Milliseconds added to every request."),
     fail_rate: float = typer.Option(0.0, min=0.0, max=1.0, help="Fraction of requests that fail (503, 500, dropped, garbage)."),
+    fail_mix: Optional[str] = typer.Option(None, help="Failures by kind instead of --fail-rate, e.g. "
+                                           "loading=0.05,drop=0.02,garbage=0.02 (kinds: loading, error, drop, garbage)."),
+    loading_s: float = typer.Option(0.05, min=0.0, help="The estimated_time of a 503 'loading' answer, in seconds."),
 ) -> None:
     """Serve a local teacher on the hf and google wire formats (self-hosting, demos, tests).
 
@@ -419,11 +366,27 @@ def serve_teacher(
     options = ServeOptions(
         teacher=teacher, host=host, port=port, formats=(wire_format,) if wire_format else FORMATS,
         token=token or None, rate=rate, latency_ms=latency_ms, fail_rate=fail_rate,
+        fail_mix=_fail_mix(fail_mix), loading_s=loading_s,
     )
     if not token and host not in ("127.0.0.1", "::1", "localhost"):
         err.print(f"warning: serving on {host} without --token: anyone who can reach it can use it",
                   markup=False)
     run_forever(options, announce=lambda line: err.print(line, markup=False, highlight=False))
+
+
+def _fail_mix(text: str | None) -> dict[str, float] | None:
+    if not text:
+        return None
+    mix = {}
+    for part in text.split(","):
+        mode, eq, value = part.partition("=")
+        try:
+            mix[mode.strip()] = float(value) if eq else math.nan
+        except ValueError:
+            mix[mode.strip()] = math.nan
+        if math.isnan(mix[mode.strip()]):
+            raise DistillError(f"--fail-mix takes MODE=P pairs, e.g. loading=0.05,drop=0.02; got {part!r}")
+    return mix
 
 
 @app.command()
@@ -452,26 +415,9 @@ def export(
         student=str(student), format=fmt, out=str(out) if out else None, int8=int8,
         calib_images=str(calib_images) if calib_images else None, images=str(images) if images else None,
         db=db, calib_count=calib_count, threads=threads, latency_runs=latency_runs))
-    _print_export(result)
+    printers.print_export(result)
     if json_out:
         emit_json(result)
-
-
-def _print_export(r: dict) -> None:
-    err.print(f"wrote {r['out']} ({r['file_bytes'] / 1e6:.2f} MB)", markup=False)
-    c = r["check"]
-    err.print(f"checked with {c['runtime']} on {c['inputs']}: max abs difference {c['max_abs_diff']:.2e}",
-              markup=False)
-    q = r.get("quantization")
-    if q:
-        err.print(f"calibrated on {q['calibration']['source']}; compared on {q['compared_on']['source']} "
-                  f"({q['threads']} threads)", markup=False)
-        for m in q["models"]:
-            size = f"{m['file_bytes'] / 1e6:.2f} MB" if m["file_bytes"] else "-"
-            err.print(f"  {m['name']:<18} accuracy {m['accuracy']}  agreement {m['agreement']}  "
-                      f"batch 1 {m['ms_batch1']} ms  batch {m['batch']} {m['ms_batch']} ms  {size}", markup=False)
-        err.print(f"accuracy change {q['accuracy_change']}  speed-up at batch 1 {q['speedup_batch1']}x "
-                  f"({q['speedup_batch1_vs_pytorch']}x over PyTorch fp32)", markup=False)
 
 
 @app.command()
@@ -532,7 +478,7 @@ def predict(
     with progress("predict") as update:
         rows, summary = run_predict(str(student), [str(p) for p in images], top_k, batch_size, device, update)
     if csv_out:
-        _write_csv(csv_out, rows, top_k)
+        printers.write_csv(csv_out, rows, top_k)
     for row in rows:
         if json_out:
             sys.stdout.write(json.dumps(row) + "\n")
@@ -547,36 +493,9 @@ def predict(
         emit_json(summary)
 
 
-def _write_csv(path: Path, rows: list[dict], top_k: int) -> None:
-    import csv
-
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "sha256", "error"] + [f"{what}_{i}" for i in range(1, top_k + 1)
-                                                      for what in ("class", "probability")])
-        for row in rows:
-            ranked = [x for t in row.get("top", []) for x in (t["class"], t["probability"])]
-            writer.writerow([row["path"], row.get("sha256", ""), row.get("error", "")] + ranked)
-
-
 def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise typer.BadParameter(f"{value!r}; choose one of {', '.join(choices)}", param_hint=flag)
-
-
-def _print_epoch(epoch: int, epochs: int, m: dict) -> None:
-    err.print(f"epoch {epoch}/{epochs}  train loss {m['train_loss']:.4g}  val accuracy {m['val_accuracy']:.1%}  "
-              f"agreement {m['val_agreement']:.1%}  {m['images_per_s']:.0f} images/s  {m['epoch_seconds']:.1f}s",
-              markup=False)
-
-
-def _print_trained(s: dict) -> None:
-    best = (f"best epoch {s['best_epoch']}: val accuracy {s['val_accuracy']:.1%}, agreement {s['agreement']:.1%}"
-            if s.get("best_epoch") else "no epoch finished")
-    err.print(f"trained {s['out']}: {s['epochs']} epochs in {s['seconds']:.0f}s; {best}", markup=False)
-    err.print(f"  {s['images']['train']} training + {s['images']['val']} validation images, {s['classes']} classes, "
-              f"weights {s['weights']}; {s['unanswered']} unanswered, {s['unmapped']} unmapped, "
-              f"{s['skipped']} files skipped", markup=False)
 
 
 def main() -> None:

@@ -192,19 +192,26 @@ def test_rate_flag_is_a_number_or_auto(photos):
     assert res.exit_code == 1 and "got 0.0" in res.output
 
 
-def test_rate_limiter_cuts_once_per_overshoot_and_grows_back():
-    limiter = RateLimiter(20.0)
-    for _ in range(20):  # 20 answered in the last second, the callers waiting for slots
-        limiter.acquire()
-        limiter.answered()
-    limiter.throttled()
-    limiter.throttled()  # the other calls in flight at the same overshoot: no second cut
-    assert limiter.throttles == 2 and limiter.rate == pytest.approx(0.85 * 20)
-    cut = limiter.rate
+def test_rate_limiter_cuts_by_what_the_server_let_through_and_grows_back():
+    at_limit = RateLimiter(20.0)
+    for _ in range(20):  # all 20 sent in the last second were taken: the 429 is a boundary hit
+        at_limit.acquire()
+        at_limit.admitted()
+    at_limit.throttled()
+    at_limit.throttled()  # the other calls in flight at the same overshoot: no second cut
+    assert at_limit.throttles == 2 and at_limit.rate == pytest.approx(0.97 * 20)
+    cut = at_limit.rate
     time.sleep(0.3)
-    limiter.acquire()
-    limiter.answered()
-    assert cut < limiter.rate <= 20.0
+    at_limit.acquire()  # a caller waits for its slot: the rate binds, so it may grow
+    at_limit.admitted()
+    assert cut < at_limit.rate <= 20.0
+
+    over = RateLimiter(40.0)
+    for _ in range(16):  # 16 taken where 40 a second were sent: the server's limit is lower
+        over.acquire()
+        over.admitted()
+    over.throttled()
+    assert over.rate == pytest.approx(0.85 * 16, rel=0.05)
 
 
 def test_local_teacher_reports_images_per_second_and_loading_apart(photos):

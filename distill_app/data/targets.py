@@ -23,12 +23,13 @@ Decisions (each one a place where the SPEC leaves a choice):
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
+import operator
 import re
 import tomllib
-from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -271,24 +272,31 @@ def build_targets(
 
 
 def _flatten(answers: Answers, shas: list[str], label_map: LabelMap):
-    """Parallel arrays (row, column, score) over every returned label; column C = unmapped."""
+    """Parallel arrays (row, column, score) over every returned label; column C = unmapped.
+
+    No Python loop per label (100,000 answers of 30 labels are 3 million): the pairs are chained
+    and unzipped in C, each distinct label is matched once, and the scores become one array.
+    """
     c = len(label_map.classes)
-    index = label_map.index
-    column: dict[str, int] = {}  # per-call cache so the hot loop is one dict lookup
-    rows, cols, vals = array("q"), array("q"), array("d")
-    for i, sha in enumerate(shas):
-        for label, score in answers[sha]:
-            j = column.get(label)
-            if j is None:
-                found = index(label) if isinstance(label, str) else -1
-                j = column[label] = found if found >= 0 else c
-            rows.append(i)
-            cols.append(j)
-            vals.append(score if type(score) is float else _as_float(score))
-    vals = np.frombuffer(vals, dtype=np.float64) if len(vals) else np.zeros(0)
+    lengths = np.fromiter((len(answers[sha]) for sha in shas), dtype=np.int64, count=len(shas))
+    if not lengths.sum():
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    # A list of the pairs and two maps over it: no new object per label, so the cyclic garbage
+    # collector is not set off (zip(*pairs) made 3 million iterators and cost 5x the rest).
+    pairs = list(itertools.chain.from_iterable(answers[sha] for sha in shas))
+    labels = list(map(operator.itemgetter(0), pairs))
+    scores = list(map(operator.itemgetter(1), pairs))
+    column = {}
+    for label in set(labels):
+        found = label_map.index(label) if isinstance(label, str) else -1
+        column[label] = found if found >= 0 else c
+    rows = np.repeat(np.arange(len(shas), dtype=np.int64), lengths)
+    cols = np.fromiter(map(column.__getitem__, labels), dtype=np.int64, count=len(labels))
+    try:
+        vals = np.array(scores, dtype=np.float64)
+    except (TypeError, ValueError):  # a string or None among the scores: one at a time
+        vals = np.fromiter(map(_as_float, scores), dtype=np.float64, count=len(scores))
     finite = ~np.isnan(vals)
-    rows = np.frombuffer(rows, dtype=np.int64) if len(rows) else np.zeros(0, np.int64)
-    cols = np.frombuffer(cols, dtype=np.int64) if len(cols) else np.zeros(0, np.int64)
     return rows[finite], cols[finite], np.clip(vals[finite], 0.0, 1.0)
 
 

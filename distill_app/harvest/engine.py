@@ -479,13 +479,18 @@ def _attempt(run: _Run, job: _Job) -> list:
     except TransientError as e:  # told here, not in the main thread: the others send meanwhile
         if e.status == 429:
             limiter.throttled()
-        elif e.status == 503:
-            limiter.unavailable(run.policy.wait(e, 1))
+        else:
+            limiter.admitted()
+            if e.status == 503:
+                limiter.unavailable(run.policy.wait(e, 1))
+            else:
+                limiter.other_response()
         raise
     job.elapsed = time.monotonic() - t0
     if len(answers) != len(job.uploads):
         raise TransientError(f"teacher answered {len(answers)} of {len(job.uploads)} images")
-    limiter.answered()
+    limiter.admitted()
+    limiter.other_response()
     return answers
 
 

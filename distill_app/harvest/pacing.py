@@ -44,7 +44,8 @@ class RateLimiter:
     AUTO_START = 2.0
     AUTO_MAX = 1000.0
     MIN_RATE = 0.1
-    DECREASE = 0.85  # one client, not many flows sharing a link: a gentler cut than TCP's 0.5
+    DECREASE = 0.85  # x what the server let through: one client, a gentler cut than TCP's 0.5
+    NEAR, GENTLE = 0.9, 0.97  # let through >= NEAR x the rate: at the limit, cut to GENTLE x
     INCREASE = 0.05  # of the rate, per second without a 429 (at least 0.5 requests/s per second)
 
     def __init__(self, rate: float | str | None, senders: int = 1):
@@ -60,8 +61,8 @@ class RateLimiter:
         self._changed = time.monotonic()
         self._cut = -math.inf
         self._waited = -math.inf  # when a caller last waited for its slot: the rate was binding
-        self._answered: collections.deque[float] = collections.deque()  # times, the last second
-        self._unavailable = 0  # 503s in a row, no answer between them
+        self._admitted: collections.deque[float] = collections.deque()  # times, the last second
+        self._unavailable = 0  # 503s in a row, nothing else between them
         self._lock = threading.Lock()
 
     def acquire(self) -> None:
@@ -81,14 +82,13 @@ class RateLimiter:
         if slot > now:
             time.sleep(slot - now)
 
-    def answered(self) -> None:
-        """A request the server answered (not 429, not 5xx): the rate may grow."""
+    def admitted(self) -> None:
+        """A request the server took (answered, or failed other than by 429): the rate may grow."""
         with self._lock:
             now = time.monotonic()
-            self._unavailable = 0
-            self._answered.append(now)
-            while self._answered and self._answered[0] < now - 1.0:
-                self._answered.popleft()
+            self._admitted.append(now)
+            while self._admitted and self._admitted[0] < now - 1.0:
+                self._admitted.popleft()
             elapsed, self._changed = now - self._changed, now
             # Grow only a rate that holds calls back: one the threads cannot fill (the server's
             # latency bounds them) would grow without limit and say nothing (RFC 7661's rule).
@@ -107,14 +107,23 @@ class RateLimiter:
             now = time.monotonic()
             if self.rate is None or now - self._cut < 1.0:
                 return
-            let_through = sum(1 for t in self._answered if t >= now - 1.0)
-            # What the server let through in the last second is its limit when we were over it.
-            # Floored at a quarter of the rate: a second of faults or a pause lets little through
-            # and says little about the limit (a deeper overshoot takes one more cut a second).
-            base = min(self.rate, max(let_through, self.rate / 4))
-            new = max(self.MIN_RATE, self.DECREASE * base)
+            let_through = sum(1 for t in self._admitted if t >= now - 1.0)
+            if let_through >= self.NEAR * self.rate:
+                # The server took nearly all we sent: we are at its limit, and the 429 is a call
+                # that arrived a little early (jitter). A small cut, not a sawtooth at the limit.
+                new = self.GENTLE * self.rate
+            else:
+                # It let through less than we sent: that is its limit. Floored at a quarter of the
+                # rate: a second of timeouts says little (a deeper overshoot: one more cut a second).
+                new = self.DECREASE * max(let_through, self.rate / 4)
+            new = max(self.MIN_RATE, new)
             log.info("HTTP 429: pacing %.1f -> %.1f requests/s", self.rate, new)
             self.rate, self._slow_start, self._cut, self._changed = new, False, now, now
+
+    def other_response(self) -> None:
+        """Anything but a 503 ends a run of them."""
+        with self._lock:
+            self._unavailable = 0
 
     def unavailable(self, seconds: float) -> None:
         """A 503 that asks for ``seconds``. One among answers is that call's retry only; one for

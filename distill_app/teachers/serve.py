@@ -69,6 +69,8 @@ class ServeOptions:
     latency_ms: float = 0.0  # added to every admitted request
     fail_rate: float = 0.0  # probability that an admitted request fails (one of fail_modes)
     fail_modes: tuple[str, ...] = FAIL_MODES
+    fail_mix: dict[str, float] | None = None  # mode -> probability, instead of fail_rate/fail_modes
+    loading_s: float = LOADING_ESTIMATED_TIME_S  # the estimated_time of a 503 "loading"
     seed: int = 0  # of the failure draws, so a run's sequence of failures is repeatable
     max_image_bytes: int | None = None  # bigger uploads fail alone: hf 400, google error entry
     device: str = "auto"
@@ -80,6 +82,12 @@ class ServeOptions:
         bad_modes = set(self.fail_modes) - set(FAIL_MODES)
         if not self.fail_modes or bad_modes:
             raise DistillError(f"fail modes must be among {', '.join(FAIL_MODES)}, got {sorted(bad_modes)}")
+        mix = self.fail_mix or {}
+        if set(mix) - set(FAIL_MODES) or any(not 0 <= p <= 1 for p in mix.values()) or sum(mix.values()) > 1:
+            raise DistillError(f"--fail-mix takes MODE=P pairs, modes among {', '.join(FAIL_MODES)}, "
+                               f"probabilities summing to at most 1; got {mix}")
+        if not self.loading_s >= 0:
+            raise DistillError(f"--loading-s must be 0 or more, got {self.loading_s}")
         if not 0.0 <= self.fail_rate <= 1.0:
             raise DistillError(f"--fail-rate must be between 0 and 1, got {self.fail_rate}")
         if self.rate is not None and not self.rate > 0:
@@ -131,10 +139,18 @@ class TeacherService:
             return None
 
     def draw_failure(self) -> str | None:
-        if not self.options.fail_rate:
+        mix = self.options.fail_mix
+        if not mix and not self.options.fail_rate:
             return None
         with self._lock:  # one seeded sequence of draws, whatever the thread
-            if self._rng.random() >= self.options.fail_rate:
+            draw = self._rng.random()
+            if mix:
+                for mode, p in mix.items():
+                    if draw < p:
+                        return mode
+                    draw -= p
+                return None
+            if draw >= self.options.fail_rate:
                 return None
             return self._rng.choice(self.options.fail_modes)
 
@@ -332,7 +348,7 @@ class _Handler(BaseHTTPRequestHandler):
             model = urlsplit(self.path).path.removeprefix("/models/")
             if route == "hf":
                 self._json(503, {"error": f"Model {model} is currently loading",
-                                 "estimated_time": LOADING_ESTIMATED_TIME_S})
+                                 "estimated_time": self.server.service.options.loading_s})
             else:
                 self._json(503, {"error": {"code": 503, "message": "The service is currently unavailable.",
                                            "status": "UNAVAILABLE"}})
