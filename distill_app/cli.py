@@ -97,6 +97,15 @@ def _rate(value: str | None) -> float | str | None:
                            f"got {value!r}") from None
 
 
+def _int_list(flag: str, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise DistillError(f"{flag} must be comma-separated whole numbers, got {value!r}") from None
+
+
 @app.command()
 @user_errors
 def train(
@@ -131,6 +140,13 @@ def train(
     accum_steps: int = typer.Option(1, min=1, help="Forward passes per optimizer step (gradient accumulation): "
                                     "each sees batch-size / (processes x N) images."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the student: for GPUs, slower on CPU (warns and runs without if it fails)."),
+    disturb_label: float = typer.Option(0.0, min=0.0, max=0.99, help="DisturbLabel: redraw this fraction of each batch's "
+                                        "hard labels at random (the --hard-weight term only; the paper's 0.1)."),
+    dsd: bool = typer.Option(False, "--dsd", help="Dense-sparse-dense training: prune --dsd-sparsity of every layer's "
+                             "weights after the dense phase, train sparse, then dense again."),
+    dsd_sparsity: float = typer.Option(0.5, help="DSD: fraction of each layer's weights held at zero in the sparse phase."),
+    dsd_phases: Optional[str] = typer.Option(None, help="DSD: epochs of the dense, sparse and re-dense phases, e.g. "
+                                             "4,3,3 (default: thirds of --epochs)."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Train a student on the teacher's stored soft labels.
@@ -155,7 +171,8 @@ def train(
         hard_weight=hard_weight, out=str(out) if out else None, device=device, resume=resume,
         seed=seed, num_workers=workers, pretrained=pretrained, init=str(init) if init else None,
         backbone_lr=backbone_lr,
-        accum_steps=accum_steps, compile=compile_model,
+        accum_steps=accum_steps, compile=compile_model, disturb_label=disturb_label,
+        dsd=dsd, dsd_sparsity=dsd_sparsity, dsd_phases=_int_list("--dsd-phases", dsd_phases),
     )
     if not is_main_process():  # under torchrun, rank 0 alone shows progress and prints
         run_train(cfg)

@@ -97,8 +97,9 @@ def write_csv(path: Path, rows: list[dict], top_k: int) -> None:
 
 
 def print_epoch(epoch: int, epochs: int, m: dict) -> None:
+    phase = f"  {m['dsd_phase']} ({m['sparsity']:.0%} zero)" if "dsd_phase" in m else ""  # --dsd
     err.print(f"epoch {epoch}/{epochs}  train loss {m['train_loss']:.4g}  val accuracy {m['val_accuracy']:.1%}  "
-              f"agreement {m['val_agreement']:.1%}  {m['images_per_s']:.0f} images/s  {m['epoch_seconds']:.1f}s",
+              f"agreement {m['val_agreement']:.1%}  {m['images_per_s']:.0f} images/s  {m['epoch_seconds']:.1f}s{phase}",
               markup=False)
 
 

@@ -64,6 +64,12 @@ class TrainConfig:
     backbone_lr: float = 0.1
     accum_steps: int = 1  # forward passes per optimizer step: each sees batch_size / (processes * this)
     compile: bool = False  # torch.compile the student (falls back to eager, with a warning, if it fails)
+    # DisturbLabel (losses.disturb_labels): this fraction of each batch's hard labels redrawn at random.
+    disturb_label: float = 0.0
+    # DSD (dsd.py): dense -> sparse at dsd_sparsity -> dense; dsd_phases: epochs of each (default thirds).
+    dsd: bool = False
+    dsd_sparsity: float = 0.5
+    dsd_phases: list[int] | None = None
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -87,6 +93,18 @@ def check_config(cfg: TrainConfig) -> None:
         (cfg.pretrained in PRETRAINED_MODES, f"--pretrained must be one of {', '.join(PRETRAINED_MODES)}, "
                                              f"got {cfg.pretrained!r}"),
         (0 < cfg.backbone_lr <= 1, f"--backbone-lr must be in (0, 1] (a multiple of --lr), got {cfg.backbone_lr}"),
+    ]
+    checks += [
+        (0 <= cfg.disturb_label < 1, f"--disturb-label must be in [0, 1), got {cfg.disturb_label}"),
+        (not cfg.disturb_label or cfg.hard_weight > 0,
+         f"--disturb-label {cfg.disturb_label} disturbs the hard-label term only: give it a weight with --hard-weight"),
+        (0 < cfg.dsd_sparsity < 1, f"--dsd-sparsity must be between 0 and 1, got {cfg.dsd_sparsity}"),
+        (cfg.dsd_phases is None or (cfg.dsd and len(cfg.dsd_phases) == 3 and min(cfg.dsd_phases) >= 1
+                                    and sum(cfg.dsd_phases) == cfg.epochs),
+         f"--dsd-phases needs --dsd and three epoch counts of 1 or more adding up to --epochs {cfg.epochs}, "
+         f"got {cfg.dsd_phases}"),
+        (not cfg.dsd or cfg.dsd_phases is not None or cfg.epochs >= 3,
+         f"--dsd needs --epochs 3 or more (dense, sparse, dense), got {cfg.epochs}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -21,7 +21,8 @@ from ..errors import DistillError, one_line
 from .config import Progress, TrainConfig
 from .data import TrainData
 from .distributed import Ranks, all_sum
-from .losses import distill_loss
+from .dsd import apply_masks
+from .losses import distill_loss, disturb_labels
 from .schedule import MicroBatch, epoch_batches, epoch_plan, get_lr
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class Run:
     best: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     compiling: bool = False  # torch.compile not yet proven on a first step
+    masks: dict[str, torch.Tensor] | None = None  # DSD's sparse phase: weights held at zero (dsd.py)
     weights: Weights = RANDOM  # where the initial weights came from (recorded in model.pt and last.pt)
 
     @property
@@ -69,9 +71,13 @@ class Run:
         """(B, S, S, 3) uint8 -> the student's normalised float input."""
         return to_input(x, mean=self.student.mean, std=self.student.std)
 
-    def loss(self, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, idx: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        """The batch's loss; with a ``seed`` (training steps), --disturb-label redraws hard labels."""
         c = self.cfg
-        return distill_loss(logits, self.targets[idx], self.hard[idx], c.loss, c.temperature, c.hard_weight)
+        hard = self.hard[idx]
+        if seed is not None and c.disturb_label:
+            hard = disturb_labels(hard, logits.shape[1], c.disturb_label, torch.Generator().manual_seed(seed))
+        return distill_loss(logits, self.targets[idx], hard, c.loss, c.temperature, c.hard_weight)
 
     def autocast(self):
         # bf16 on CUDA only (SPEC): on CPU, float32 keeps runs repeatable and bf16 buys little.
@@ -148,7 +154,7 @@ def micro_step(run: Run, micro: MicroBatch, x: torch.Tensor, idx: torch.Tensor) 
     with run.ddp.no_sync() if run.ddp is not None and not micro.last else nullcontext():
         with run.autocast():
             logits = run.net(x)
-        loss = run.loss(logits, idx)
+        loss = run.loss(logits, idx, seed=(micro.seed + 1) % 2**63)  # not dropout's stream
         (loss * micro.weight).backward()
     return loss
 
@@ -195,6 +201,8 @@ def train_epoch(run: Run, epoch: int, progress: Progress | None) -> dict:
             continue
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if run.masks:
+            apply_masks(run.model, run.masks)
         run.step += 1
         done += 1
         if progress:

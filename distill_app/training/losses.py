@@ -4,6 +4,9 @@
 Hinton et al. (2015): KL(teacher_T || student_T) scaled by T^2 so its gradients keep the same
 magnitude whatever the temperature. Teacher answers are stored as probabilities, not logits,
 so the teacher is softened as ``p^(1/T)`` renormalised, which equals ``softmax(log(p) / T)``.
+
+DisturbLabel (Xie et al. 2016) is a regulariser of the hard-label term only: the soft targets
+are the teacher's answer and are never disturbed.
 """
 
 from __future__ import annotations
@@ -53,3 +56,15 @@ def distill_loss(
             raise ValueError("hard_weight > 0 needs hard_labels")
         loss = loss + hard_weight * F.cross_entropy(z, hard_labels)
     return loss
+
+
+def disturb_labels(labels: torch.Tensor, num_classes: int, rate: float,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """DisturbLabel: each label, with probability ``rate``, is replaced by a class drawn uniformly
+    from all ``num_classes`` (itself included, as in the paper), so about rate * (C - 1) / C of
+    the labels change. ``generator`` (CPU) makes the draw repeatable per batch."""
+    if rate <= 0:
+        return labels
+    chosen = torch.rand(labels.shape, generator=generator) < rate
+    drawn = torch.randint(num_classes, labels.shape, generator=generator)
+    return torch.where(chosen.to(labels.device), drawn.to(labels.device, labels.dtype), labels)

@@ -38,6 +38,7 @@ from students.pretrained import RANDOM
 from ..data.pixels import load_pixels
 from ..errors import DistillError
 from ..teachers.spec import normalise_teacher
+from . import dsd
 from .checkpoint import (CHECKPOINT_FILE, CONFIG_FILE, CURVES_FILE, METRICS_FILE, MODEL_FILE, StudentFile,
                          atomic_save, save_student)
 from .config import Progress, TrainConfig, check_config, resumed_config
@@ -237,6 +238,22 @@ def _pixels(data: TrainData, size: int, ranks: Ranks, progress: Progress | None)
     return load_pixels(data.shas, data.paths, size) if pixels is None else pixels
 
 
+def dsd_phase(run: Run, epoch: int) -> str | None:
+    """With --dsd, the phase of ``epoch``; entering the sparse phase (or resuming in it) prunes the
+    smallest weights of each layer and holds them at zero, leaving it lets them train again."""
+    cfg = run.cfg
+    if not cfg.dsd:
+        return None
+    phase = dsd.phase_of(epoch, dsd.phase_epochs(cfg.epochs, tuple(cfg.dsd_phases) if cfg.dsd_phases else None))
+    if phase == dsd.SPARSE and run.masks is None:
+        run.masks = dsd.magnitude_masks(run.model, cfg.dsd_sparsity)
+        dsd.apply_masks(run.model, run.masks)
+        log.info("DSD: epoch %d prunes %.0f%% of every layer's weights", epoch, 100 * cfg.dsd_sparsity)
+    elif phase != dsd.SPARSE:
+        run.masks = None
+    return phase
+
+
 def _train(cfg: TrainConfig, ranks: Ranks, progress: Progress | None, started: float) -> dict:
     cfg, out, data = on_main(ranks, lambda: _setup(cfg, progress))
     ckpt = load_checkpoint(out / CHECKPOINT_FILE) if cfg.resume else None  # every rank: the same weights
@@ -250,7 +267,10 @@ def _train(cfg: TrainConfig, ranks: Ranks, progress: Progress | None, started: f
                  int((~data.is_val).sum()), int(data.is_val.sum()), len(data.classes), ranks.world, out)
     for epoch in range(run.epoch + 1, cfg.epochs + 1):
         epoch_started = time.perf_counter()
+        phase = dsd_phase(run, epoch)
         metrics = {"epoch": epoch, **train_epoch(run, epoch, progress), **evaluate(run)}
+        if phase:
+            metrics.update(dsd_phase=phase, sparsity=round(dsd.sparsity(run.model), 4))
         metrics.update(step=run.step, epoch_seconds=time.perf_counter() - epoch_started)
         end_epoch(run, metrics, out)
         log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
