@@ -18,34 +18,22 @@ import json
 import logging
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
-from cache import default_db_path
 from students import StudentConfig, count_macs, count_params
 from students.pruned import (PRUNED_NAME, expanded_blocks, hidden_channels, keep_block_channels,
                              keep_head_channels)
 
-from ..data.pixels import load_pixels
-from ..data.targets import OTHER, LabelMap
-from ..device import resolve_device
 from ..errors import DistillError
 from ..training.checkpoint import CONFIG_FILE, METRICS_FILE, MODEL_FILE, StudentFile, open_student, save_student
-from ..training.config import TrainConfig
-from ..training.data import TrainData, prepare_data
-from ..training.distributed import Ranks
-from ..training.loop import Run, check_batches, evaluate, new_run, train_epoch
+from .finetune import Progress, fine_tune, fine_tune_data, validate
 from .measure import interleaved_latency, ratio, torch_candidate
 
 log = logging.getLogger(__name__)
 
 CRITERION = "L1 norm of each expand (and head) conv filter; the smallest are removed"
-
-# progress(step, done, total, info): fine-tuning batches of one pruning step.
-Progress = Callable[[int, int, int, dict], None]
 
 
 @dataclass
@@ -118,89 +106,6 @@ def prune_to(model: nn.Module, widths: list[int]) -> None:
         keep_head_channels(model, top_channels(channel_scores(head_conv), widths[-1]))
 
 
-# -- the data: the student's own training images and targets --------------------------------------
-
-
-@dataclass
-class FineTune:
-    """The student's training set rebuilt from the store, and the trainer's configuration that
-    fine-tunes on it: the student's loss and targets, this command's lr, epochs and batch size."""
-
-    cfg: TrainConfig
-    data: TrainData
-    pixels: np.ndarray  # (N, S, S, 3) uint8
-    ranks: Ranks  # one process
-
-    def run(self, model: nn.Module, student: StudentConfig, seed: int | None = None) -> Run:
-        """A trainer's run at step 0 around ``model`` (fresh optimizer: pruning replaced the parameters)."""
-        cfg = self.cfg if seed is None else replace(self.cfg, seed=seed)
-        return new_run(cfg, self.data, self.pixels, student, model, self.ranks)
-
-
-def fine_tune_data(cfg: PruneConfig, meta: StudentFile) -> FineTune:
-    """The student's images, targets and split, rebuilt from the store as the trainer builds them."""
-    config = meta.config
-    images = cfg.images or config.get("images")
-    if not images:
-        raise DistillError("the student does not record its training images: pass --images DIR")
-    classes = list(meta.classes)
-    # The student's own class list and label map, so the targets have exactly its columns
-    # whatever the store holds now.
-    label_map = (LabelMap.from_dict(meta.label_map, origin=f"the label map of {cfg.student}") if meta.label_map
-                 else LabelMap.identity([c for c in classes if c != OTHER]))
-    s = meta.student
-    train_cfg = TrainConfig(
-        images=str(images), db=_default_db(cfg, config), teachers=list(meta.teachers or ["local"]),
-        other=bool(config["other"]) if "other" in config else OTHER in classes,
-        val_fraction=float(config.get("val_fraction", 0.1)),
-        student=s.name, width=s.width, image_size=meta.image_size,
-        # This command's schedule: no warm-up (the weights are trained already), cosine from --lr.
-        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, warmup_epochs=0.0, device=cfg.device, seed=cfg.seed,
-        # As the student was trained.
-        weight_decay=float(config.get("weight_decay", 0.05)), targets=config.get("targets", "soft"),
-        loss=config.get("loss", "mse"), temperature=float(config.get("temperature", 1.0)),
-        hard_weight=float(config.get("hard_weight", 0.0)))
-    data = prepare_data(train_cfg, None, label_map)
-    if data.classes != classes:
-        raise DistillError(f"the store's answers give classes {data.classes[:5]}..., the student has "
-                           f"{classes[:5]}...: pass the --db and --images it was trained on")
-    pixels = load_pixels(data.shas, data.paths, meta.image_size)
-    return FineTune(train_cfg, data, pixels, Ranks(resolve_device(cfg.device)))
-
-
-def _default_db(cfg: PruneConfig, config: dict) -> str:
-    if cfg.db:
-        return cfg.db
-    trained_with = config.get("db")
-    return trained_with if trained_with and Path(trained_with).exists() else default_db_path()
-
-
-# -- fine-tuning: the trainer's epochs and validation -----------------------------------------------
-
-
-def fine_tune(model: nn.Module, ft: FineTune, student: StudentConfig, step: int,
-              progress: Progress | None = None) -> list[dict]:
-    """``ft.cfg.epochs`` epochs of distillation on the training split; one metrics dict per epoch."""
-    # The trainer seeds batches, augmentation and dropout by (seed, epoch, batch), and every
-    # pruning step starts again at epoch 1: a seed of its own keeps the steps from repeating
-    # one another's batches.
-    seed = int(np.random.SeedSequence([ft.cfg.seed, step]).generate_state(1)[0])
-    check_batches(ft.cfg, ft.data, ft.ranks)
-    run = ft.run(model, student, seed)
-    total = ft.cfg.epochs * run.steps_per_epoch
-    report = progress and (lambda epoch, done, steps, info: progress(step, (epoch - 1) * steps + done, total, info))
-    history = []
-    for epoch in range(1, ft.cfg.epochs + 1):
-        history.append({"prune_step": step, **train_epoch(run, epoch, report), **validate(run)})
-        log.info("prune step %d epoch %d: %s", step, epoch, history[-1])
-    return history
-
-
-def validate(run: Run) -> dict:
-    """The trainer's validation metrics (val_loss, val_accuracy, val_agreement), plus val_images."""
-    return {**evaluate(run), "val_images": len(run.val_idx)}
-
-
 # -- the whole job -----------------------------------------------------------------------------------
 
 
@@ -215,7 +120,8 @@ def prune_student(cfg: PruneConfig, progress: Progress | None = None) -> dict:
     original, meta = open_student(cfg.student)
     _check_prunable(original, meta)
     out = resolve_out(cfg)
-    ft = fine_tune_data(cfg, meta)
+    ft = fine_tune_data(meta, cfg.student, images=cfg.images, db=cfg.db, epochs=cfg.epochs,
+                        batch_size=cfg.batch_size, lr=cfg.lr, device=cfg.device, seed=cfg.seed)
     model = copy.deepcopy(original).to(ft.ranks.device, memory_format=torch.channels_last)
     widths_before = hidden_channels(model)
     before = {**model_size(original, meta), **validate(ft.run(model, meta.student))}
@@ -227,7 +133,7 @@ def prune_student(cfg: PruneConfig, progress: Progress | None = None) -> dict:
         model = model.to(ft.ranks.device, memory_format=torch.channels_last)
         student = pruned_config(meta.student, model)
         pruned = validate(ft.run(model, student))  # before fine-tuning: what the cut cost
-        lines = fine_tune(model, ft, student, step, progress) if cfg.epochs else []
+        lines = [{"prune_step": step, **line} for line in fine_tune(model, ft, student, step, progress)] if cfg.epochs else []
         history += [{"epoch": len(history) + k + 1, **line} for k, line in enumerate(lines)]
         steps.append({"step": step, "hidden_channels": hidden_channels(model),
                       "parameters": count_params(model), "pruned": pruned,

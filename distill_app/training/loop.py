@@ -7,6 +7,7 @@ import logging
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -21,7 +22,6 @@ from ..errors import DistillError, one_line
 from .config import Progress, TrainConfig
 from .data import TrainData
 from .distributed import Ranks, all_sum
-from .dsd import apply_masks
 from .losses import distill_loss, disturb_labels
 from .schedule import MicroBatch, epoch_batches, epoch_plan, get_lr
 
@@ -52,7 +52,8 @@ class Run:
     best: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     compiling: bool = False  # torch.compile not yet proven on a first step
-    masks: dict[str, torch.Tensor] | None = None  # DSD's sparse phase: weights held at zero (dsd.py)
+    # Called after every optimizer step: a constraint on the weights (DSD's masks, compress's shared weights).
+    after_step: Callable[[torch.nn.Module], None] | None = None
     weights: Weights = RANDOM  # where the initial weights came from (recorded in model.pt and last.pt)
 
     @property
@@ -201,8 +202,8 @@ def train_epoch(run: Run, epoch: int, progress: Progress | None) -> dict:
             continue
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if run.masks:
-            apply_masks(run.model, run.masks)
+        if run.after_step:
+            run.after_step(run.model)
         run.step += 1
         done += 1
         if progress:

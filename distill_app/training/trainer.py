@@ -19,6 +19,7 @@ store, writes the run folder and reports progress; local rank 0 builds the pixel
 from __future__ import annotations
 
 import ctypes
+import functools
 import itertools
 import json
 import logging
@@ -245,12 +246,13 @@ def dsd_phase(run: Run, epoch: int) -> str | None:
     if not cfg.dsd:
         return None
     phase = dsd.phase_of(epoch, dsd.phase_epochs(cfg.epochs, tuple(cfg.dsd_phases) if cfg.dsd_phases else None))
-    if phase == dsd.SPARSE and run.masks is None:
-        run.masks = dsd.magnitude_masks(run.model, cfg.dsd_sparsity)
-        dsd.apply_masks(run.model, run.masks)
+    if phase == dsd.SPARSE and run.after_step is None:
+        masks = dsd.magnitude_masks(run.model, cfg.dsd_sparsity)
+        run.after_step = functools.partial(dsd.apply_masks, masks=masks)
+        run.after_step(run.model)
         log.info("DSD: epoch %d prunes %.0f%% of every layer's weights", epoch, 100 * cfg.dsd_sparsity)
     elif phase != dsd.SPARSE:
-        run.masks = None
+        run.after_step = None
     return phase
 
 
