@@ -477,6 +477,36 @@ def prune(
 
 @app.command()
 @user_errors
+def compress(
+    student: Path = typer.Option(..., help="Run folder of a trained student (or its model.pt)."),
+    bits: int = typer.Option(5, min=1, max=8, help="Shared values per layer: 2^bits (k-means)."),
+    sparsity: float = typer.Option(0.5, help="Fraction of each layer's weights pruned first (0: share only)."),
+    epochs: int = typer.Option(0, min=0, help="Fine-tuning epochs after pruning and after sharing (needs the training store)."),
+    out: Optional[Path] = typer.Option(None, help="The .dc file (default: model.dc in the run folder)."),
+    images: Optional[Path] = typer.Option(None, help="Training images (default: the ones the student was trained on)."),
+    db: Optional[str] = typer.Option(None, help=DB_HELP + " Scores each stage on the student's validation split."),
+    lr: float = typer.Option(1e-4, help="Peak fine-tuning learning rate (AdamW, cosine)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Deep compression: prune, share weights (k-means), Huffman-code; a .dc file predict, eval and export load.
+
+    Example: distill compress --student runs/mobilenetv2-1 --bits 5 --sparsity 0.5 --epochs 1
+    """
+    from .deploy.compress import CompressConfig, compress_student
+
+    cfg = CompressConfig(student=str(student), bits=bits, sparsity=sparsity, epochs=epochs,
+                         out=str(out) if out else None, images=str(images) if images else None, db=db,
+                         lr=lr, device=device)
+    with progress("fine-tune") as update:
+        result = compress_student(cfg, progress=lambda step, done, total, info: update(done, total))
+    printers.print_compressed(result)
+    if json_out:
+        emit_json(result)
+
+
+@app.command()
+@user_errors
 def predict(
     student: Path = typer.Option(..., help="Run folder written by `distill train`, its model.pt, or a .onnx export."),
     images: List[Path] = typer.Option(..., help="Image file or folder (scanned recursively); repeat for more."),

@@ -110,3 +110,16 @@ def print_trained(s: dict) -> None:
     err.print(f"  {s['images']['train']} training + {s['images']['val']} validation images, {s['classes']} classes, "
               f"weights {s['weights']}; {s['unanswered']} unanswered, {s['unmapped']} unmapped, "
               f"{s['skipped']} files skipped", markup=False)
+
+
+def print_compressed(r: dict) -> None:
+    """The paper's table: size and accuracy after each stage."""
+    def pct(x):
+        return "-" if x is None else f"{x:.1%}"
+
+    err.print(f"{'stage':<20} {'size':>10} {'smaller':>8} {'val accuracy':>13} {'agreement':>10}", markup=False)
+    for s in r["stages"]:
+        err.print(f"{s['stage']:<20} {s['bytes'] / 1e6:>8.3f}MB {s['ratio']:>7.1f}x {pct(s['val_accuracy']):>13} "
+                  f"{pct(s['val_agreement']):>10}", markup=False)
+    where = f"on {r['val_images']} validation images" if r["val_images"] is not None else "no scores: no training store"
+    err.print(f"wrote {r['out']} ({r['file_bytes']:,} bytes; {where})", markup=False)

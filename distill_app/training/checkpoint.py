@@ -12,7 +12,11 @@ Layout (plain Python types only, so it loads with ``torch.load(weights_only=True
      "config": {...},                 # the resolved training configuration
      "label_map": {...} | None,       # class -> teacher labels, as trained
      "pruning": {...} | None,         # what `distill prune` did, for pruned students
+     "compression": {...} | None,     # what `distill compress` did, for .dc files
      "weights": {...} | None}         # the initial weights: source, mean, std, note
+
+A ``.dc`` file of ``distill compress`` (students/codec.py) holds the same dict, its weights coded;
+:func:`read_student` decodes it, so every command that opens a student opens those too.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from students import StudentConfig, create_student
+from students import StudentConfig, codec, create_student
 
 from ..errors import DistillError
 
@@ -46,6 +50,7 @@ class StudentFile:
     label_map: dict | None = None  # class -> teacher labels (None: the teacher's own vocabulary)
     pruning: dict | None = None  # for pruned students: amount, widths, before/after
     weights: dict | None = None  # where the initial weights came from (students.Weights.to_dict)
+    compression: dict | None = None  # for .dc files: what `distill compress` did
 
     @property
     def image_size(self) -> int:
@@ -54,13 +59,14 @@ class StudentFile:
     def to_dict(self) -> dict:
         return {"format": FORMAT, "student": self.student.to_dict(), "classes": list(self.classes),
                 "teachers": list(self.teachers), "metrics": dict(self.metrics), "config": dict(self.config),
-                "label_map": self.label_map, "pruning": self.pruning, "weights": self.weights}
+                "label_map": self.label_map, "pruning": self.pruning, "weights": self.weights,
+                "compression": self.compression}
 
     @classmethod
     def from_dict(cls, blob: dict) -> StudentFile:
         return cls(StudentConfig.from_dict(blob["student"]), list(blob["classes"]), list(blob.get("teachers") or []),
                    dict(blob.get("metrics") or {}), dict(blob.get("config") or {}), blob.get("label_map"),
-                   blob.get("pruning"), blob.get("weights"))
+                   blob.get("pruning"), blob.get("weights"), blob.get("compression"))
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
@@ -103,13 +109,24 @@ def read_student(path: str | os.PathLike) -> dict:
         path = path / MODEL_FILE
     if not path.exists():
         raise DistillError(f"no student at {path}: pass the run folder written by `distill train`")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DistillError(f"cannot read {path} ({type(e).__name__}); is it a distill model.pt?") from None
+    if codec.is_compressed(path):
+        try:
+            state, blob = codec.read(path)
+        except (ValueError, OSError) as e:
+            raise DistillError(str(e)) from None
+        blob = {**blob, "state_dict": state}
+    else:
+        blob = _torch_student(path)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise DistillError(f"{path} is not a distill student file (format {FORMAT})")
     return blob
+
+
+def _torch_student(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DistillError(f"cannot read {path} ({type(e).__name__}); is it a distill model.pt or .dc file?") from None
 
 
 def open_student(path: str | os.PathLike) -> tuple[torch.nn.Module, StudentFile]:
