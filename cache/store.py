@@ -311,12 +311,17 @@ class Store:
         # Many values go through a temporary table: as chunks of IN (...), SQLite's planner
         # scanned the teacher's whole index once per chunk (7 s for 100,000 images, 0.4 s so).
         table = f"_values_{next(_TEMP_TABLES)}"
+        # The INSERT opens an implicit transaction (Python's sqlite3); left open, the next
+        # BEGIN IMMEDIATE would fail. Ended here unless a caller's transaction was open already.
+        outside = not self.db.conn.in_transaction
         self.db.execute(f"CREATE TEMP TABLE {table} (v TEXT PRIMARY KEY) WITHOUT ROWID")
         try:
             self.db.conn.executemany(f"INSERT OR IGNORE INTO temp.{table} VALUES (?)", ((v,) for v in values))
             return self.db.execute(f"{sql}{joiner}{column} IN (SELECT v FROM temp.{table})", params).fetchall()
         finally:
             self.db.execute(f"DROP TABLE temp.{table}")
+            if outside and self.db.conn.in_transaction:
+                self.db.conn.commit()
 
 
 _MAX_PARAMS = 900  # under SQLite's default limit on bound parameters (999 before 3.32)

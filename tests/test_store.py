@@ -110,3 +110,20 @@ def test_read_only_commands_never_create_a_database(tmp_path):
         res = CliRunner().invoke(app, [*args, "--db", str(typo)])
         assert res.exit_code == 1 and "no database at" in res.output, (args, res.output)
     assert not typo.exists()
+
+
+def test_reads_of_many_images_leave_no_transaction_open(store):
+    """Over 900 SHAs go through a temporary table; its INSERT must not leave an implicit
+    transaction behind, or the next write (BEGIN IMMEDIATE) fails: a harvest of 4,000 images did."""
+    shas = [f"{i:064x}" for i in range(2000)]
+    store.add_images(ImageRow(s, f"{i}.jpg", 4, 3, 10, None) for i, s in enumerate(shas))
+    t = store.teacher_id("hf:a/b", "topk")
+    store.record(t, [Response(s, [("cat", 1.0)]) for s in shas[:1500]])
+    assert len(store.answered(t, shas)) == 1500
+    assert len(store.answers(t, shas)) == 1500
+    assert not store.db.conn.in_transaction
+    assert store.claim(t, shas, "me", lease_s=60) == shas[1500:]  # a write transaction
+    store.release_owner(t, "me")
+    with store.immediate():  # ... and inside one, a big read keeps the caller's transaction
+        assert len(store.answered(t, shas)) == 1500
+        assert store.db.conn.in_transaction
