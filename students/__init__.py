@@ -1,8 +1,9 @@
-"""Student architectures and their registry: MobileNetV2 (width alpha, resolution rho) and any
-timm model by name. No CLI, no HTTP: the application builds on this, never the reverse."""
+"""Student architectures and their registry: MobileNetV1 and MobileNetV2 (width alpha, resolution
+rho) and any timm model by name. No CLI, no HTTP: the application builds on this, never the reverse."""
 
-from . import mobilenetv2, pruned  # noqa: F401  (register "mobilenetv2", "mobilenetv2_pruned")
-from .measure import count_macs, count_params
+# Imported for their @register_student: "mobilenetv1", "mobilenetv2", "mobilenetv2_pruned".
+from . import mobilenetv1, mobilenetv2, pruned  # noqa: F401
+from .measure import count_macs, count_params, separable_costs
 from .pretrained import MODES as PRETRAINED_MODES
 from .pretrained import Weights
 from .registry import (
@@ -30,5 +31,6 @@ __all__ = [
     "create_student",
     "load_init",
     "register_student",
+    "separable_costs",
     "student_names",
 ]

@@ -218,4 +218,4 @@ def _validate(num_classes: int, width: float, image_size: int) -> None:
 
 def _load_builtins() -> None:
     # Importing runs the @register_student decorators, as a plugin's import would.
-    from . import mobilenetv2, pruned  # noqa: F401
+    from . import mobilenetv1, mobilenetv2, pruned  # noqa: F401

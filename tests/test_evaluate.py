@@ -124,6 +124,12 @@ def test_metrics_match_a_manual_computation(workspace):
     assert model["parameters"] == count_params(open_student(workspace["run"])[0])
     assert model["macs"] > 0
     assert model["file_bytes"] == (workspace["run"] / "model.pt").stat().st_size
+    # MobileNetV2's 17 depthwise convs, each with its 1x1 projection, cost 1/N + 1/9 of standard convs.
+    assert len(model["separable"]) == 17
+    assert all(abs(b["ratio"] - b["formula"]) < 1e-9 for b in model["separable"])
+    total = model["separable_total"]
+    assert total["separable_macs"] == sum(b["separable_macs"] for b in model["separable"]) < model["macs"]
+    assert total["model_macs_standard"] == model["macs"] - total["separable_macs"] + total["standard_macs"]
     assert result["latency"] is None
 
 
@@ -155,6 +161,7 @@ def test_latency_and_report(workspace, tmp_path):
     assert "top-1 accuracy" in text and "agreement with teacher" in text
     assert "CPU latency, batch 1" in text
     assert "![confusion matrix](confusion_matrix.png)" in text
+    assert "## Depthwise-separable convolutions" in text and "| features.1.conv | 16 → 8 | 3 |" in text
     for label in CLASSES:
         assert f"| {label} | {PER_CLASS} |" in text
 

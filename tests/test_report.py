@@ -90,3 +90,6 @@ def test_cli_eval_report_json(workspace, tmp_path):
     assert {Path(p).name for p in result["report_files"]} >= {"report.md", "curves.png"}
     for p in result["report_files"]:
         assert Path(p).exists()
+    # eval --json carries the measured depthwise-separable blocks (an added key: older ones stay).
+    assert len(result["model"]["separable"]) == 17 and result["model"]["separable_total"]["blocks"] == 17
+    assert result["model"]["macs"] > 0

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from cache import default_db_path, open_store
-from students import StudentConfig, count_macs, count_params
+from students import StudentConfig, count_macs, count_params, separable_costs
 
 from ..training.checkpoint import MODEL_FILE, StudentFile, open_student
 from .measure import LatencyOptions, latency_ms, student_latency
@@ -261,18 +261,38 @@ def _trained_with_other(meta: StudentFile) -> bool:
 
 
 def model_facts(model: torch.nn.Module, meta: StudentFile, student_dir: str | os.PathLike) -> dict:
-    """Parameters, multiply-accumulates per image at the student's input size, file size."""
+    """Parameters, multiply-accumulates per image at the student's input size, file size, and
+    its depthwise-separable blocks (``separable``, ``separable_total``; None when it has none)."""
     s = meta.student
     path = Path(student_dir)
     if path.is_dir():
         path = path / MODEL_FILE
+    macs = int(count_macs(model, s.image_size))
+    blocks = separable_costs(model, s.image_size)
+    for block in blocks:
+        block["out_hw"] = list(block["out_hw"])  # as JSON reads it back, so result.json round-trips
     return {
         "name": s.name, "width": s.width, "image_size": s.image_size, "num_classes": s.num_classes,
         "mean": list(s.mean), "std": list(s.std), "weights": (meta.weights or {}).get("source"),
         "parameters": int(count_params(model)),
-        "macs": int(count_macs(model, s.image_size)),
+        "macs": macs,
         "file_bytes": path.stat().st_size,
+        "separable": blocks or None,
+        "separable_total": separable_total(blocks, macs),
     }
+
+
+def separable_total(blocks: list[dict], macs: int) -> dict | None:
+    """The separable blocks' MACs summed, against standard convs in their place; and the whole
+    model's MACs (``macs``) against the same model with every pair a standard conv."""
+    if not blocks:
+        return None
+    separable = sum(b["separable_macs"] for b in blocks)
+    standard = sum(b["standard_macs"] for b in blocks)
+    with_standard = macs - separable + standard
+    return {"blocks": len(blocks), "separable_macs": separable, "standard_macs": standard,
+            "ratio": _round(separable / standard, 6), "model_macs": macs,
+            "model_macs_standard": with_standard, "model_ratio": _round(macs / with_standard, 6)}
 
 
 def teacher_latency(spec: str, options: LatencyOptions, student_ms: float) -> dict:

@@ -66,6 +66,7 @@ def render_markdown(result: dict, curves: bool = False) -> str:
     if side:
         lines += ["", "## Student and teacher", "", "| | student | teacher |", "|---|---:|---:|"]
         lines += [f"| {name} | {s} | {t} |" for name, s, t in side]
+    lines += separable_section(result["model"])
     lines += ["", "## Confusion matrix", "", "Rows: folder label; columns: student's prediction.", "",
               "![confusion matrix](confusion_matrix.png)", "", "## Calibration", "",
               f"Reliability diagram ({result['calibration']['bins']} equal-width bins of top-1 confidence).",
@@ -94,6 +95,30 @@ def side_by_side_rows(result: dict) -> list[tuple[str, str, str]]:
                  (f"CPU latency, batch {lat['batch']}", f"{lat['ms_per_batch']} ms", f"{timed['ms_per_batch']} ms"),
                  ("speed-up at batch 1", f"{timed['speedup']}x", "1x")]
     return rows
+
+
+def separable_section(model: dict) -> list[str]:
+    """The depthwise-separable blocks, measured, against standard convolutions in their place
+    (Howard et al. 2017: cost ratio 1/N + 1/D_K²); [] for a model without them or an older result."""
+    blocks, total = model.get("separable"), model.get("separable_total")
+    if not blocks or not total:
+        return []
+    lines = ["", "## Depthwise-separable convolutions", "",
+             (f"Each depthwise D_K×D_K conv and the 1x1 conv after it, measured at {model['image_size']} px, "
+              "against one standard D_K×D_K conv M → N at the same stride."), "",
+             "| block | M → N | D_K | output | separable MACs | standard MACs | ratio | 1/N + 1/D_K² |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for b in blocks:
+        h, w = b["out_hw"]
+        lines.append(f"| {_md(b['block'])} | {b['in']} → {b['out']} | {b['kernel']} | {h}×{w} | "
+                     f"{b['separable_macs'] / 1e6:,.2f} M | {b['standard_macs'] / 1e6:,.2f} M | "
+                     f"{b['ratio']:.4f} | {b['formula']:.4f} |")
+    lines += ["", (f"The {total['blocks']} blocks: {total['separable_macs'] / 1e6:,.1f} M MACs, "
+                   f"{total['standard_macs'] / 1e6:,.1f} M with standard convs (ratio {total['ratio']:.4f}). "
+                   f"Whole model: {total['model_macs'] / 1e6:,.1f} M MACs, "
+                   f"{total['model_macs_standard'] / 1e6:,.1f} M with standard convs "
+                   f"({total['model_ratio']:.4f} of it).")]
+    return lines
 
 
 def headline_rows(result: dict) -> list[tuple[str, str]]:
