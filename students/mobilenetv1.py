@@ -87,4 +87,5 @@ def create_mobilenetv1(
         return model, RANDOM
     # auto: the note says why it is random; on: this raises the ValueError the user sees.
     return model, cannot(f"mobilenetv1 x{width:g}", pretrained,
-                         "torchvision publishes none and this student loads no others")
+                         "torchvision publishes none and this student loads no others",
+                         "pass --init FILE (an earlier mobilenetv1 run's model.pt, for instance)")

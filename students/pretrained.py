@@ -104,9 +104,10 @@ def timm_cached(name: str) -> str | None:
     return None
 
 
-def cannot(what: str, mode: str, why: str) -> Weights:
-    """``auto``: random init with a note; ``on``: the ValueError the user sees."""
-    how = "no network: pass init=PATH (--init FILE), or run once online so the weights are cached"
+def cannot(what: str, mode: str, why: str, how: str | None = None) -> Weights:
+    """``auto``: random init with a note; ``on``: the ValueError the user sees. ``how``: what
+    to do instead (default: an init file, or a download while online)."""
+    how = how or "no network: pass init=PATH (--init FILE), or run once online so the weights are cached"
     if mode == "on":
         raise ValueError(f"no ImageNet weights for {what}: {why}; {how}, or use --pretrained auto/off")
     return Weights("random", note=f"random init: no ImageNet weights for {what} ({why}); {how}")
