@@ -480,12 +480,13 @@ def prune(
 def compress(
     student: Path = typer.Option(..., help="Run folder of a trained student (or its model.pt)."),
     bits: int = typer.Option(5, min=1, max=8, help="Shared values per layer: 2^bits (k-means)."),
-    sparsity: float = typer.Option(0.5, help="Fraction of each layer's weights pruned first (0: share only)."),
+    sparsity: float = typer.Option(0.5, help="Fraction of each layer's weights pruned first, depthwise kernels "
+                                   "excepted (0: share only)."),
     epochs: int = typer.Option(0, min=0, help="Fine-tuning epochs after pruning and after sharing (needs the training store)."),
     out: Optional[Path] = typer.Option(None, help="The .dc file (default: model.dc in the run folder)."),
     images: Optional[Path] = typer.Option(None, help="Training images (default: the ones the student was trained on)."),
     db: Optional[str] = typer.Option(None, help=DB_HELP + " Scores each stage on the student's validation split."),
-    lr: float = typer.Option(1e-4, help="Peak fine-tuning learning rate (AdamW, cosine)."),
+    lr: float = typer.Option(5e-4, help="Peak fine-tuning learning rate (AdamW, cosine)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:

@@ -178,8 +178,8 @@ def _unhuffman(entry: dict, n: int, payload: memoryview) -> np.ndarray:
 def stage_bytes(state: dict[str, torch.Tensor], shared: dict[str, Shared], bits: int | None) -> int:
     """Bytes of ``state`` stored uncoded: each kept weight of a ``shared`` tensor at 32 bits
     (``bits=None``: pruned only) or ``bits`` bits plus the codebook, with a fixed-width
-    GAP_BITS relative position (and a filler entry for each longer gap, as in the paper), the
-    other tensors at float16."""
+    GAP_BITS relative position when the tensor was pruned (and a filler entry for each longer
+    gap, as in the paper), the other tensors at float16."""
     total_bits = 0
     for name, tensor in state.items():
         if name not in shared:
@@ -188,8 +188,11 @@ def stage_bytes(state: dict[str, torch.Tensor], shared: dict[str, Shared], bits:
         s = shared[name]
         kept = np.flatnonzero(s.index.flatten().numpy() >= 0)
         gaps = np.diff(kept, prepend=-1) - 1
-        entries = kept.size + int((gaps // (2**GAP_BITS)).sum())  # fillers for gaps that do not fit
-        total_bits += entries * ((32 if bits is None else bits) + GAP_BITS)
+        if kept.size == s.index.numel():  # nothing pruned: no positions to store
+            entries, gap_bits = kept.size, 0
+        else:
+            entries, gap_bits = kept.size + int((gaps // (2**GAP_BITS)).sum()), GAP_BITS  # fillers for long gaps
+        total_bits += entries * ((32 if bits is None else bits) + gap_bits)
         if bits is not None:
             total_bits += 32 * s.codebook.numel()
     return (total_bits + 7) // 8

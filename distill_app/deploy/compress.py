@@ -46,7 +46,7 @@ class CompressConfig:
     images: str | None = None  # default: the student's training images
     db: str | None = None  # default: the student's training store
     batch_size: int = 64
-    lr: float = 1e-4  # peak AdamW learning rate of each fine-tuning (cosine): the weights are trained
+    lr: float = 5e-4  # peak AdamW learning rate of each fine-tuning (cosine): the weights are trained
     device: str = "auto"
     seed: int = 0
 
@@ -62,6 +62,15 @@ def check_config(cfg: CompressConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise DistillError(message)
+
+
+def depthwise_kernels(model: nn.Module) -> set[str]:
+    """Depthwise conv kernels, which pruning leaves whole (they are shared and coded like the rest).
+    Each holds 9 taps per channel and ~3% of a MobileNetV2's weights; measured on the Imagenette
+    x0.5 student (4,000 calls, its validation split, no fine-tuning): 30% of every layer pruned
+    kept 34% agreement, 30% of all but the depthwise kernels 42% (unpruned 55%)."""
+    return {f"{name}.weight" for name, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels == m.out_channels}
 
 
 # -- weight sharing ---------------------------------------------------------------------------
@@ -151,7 +160,8 @@ def compress_student(cfg: CompressConfig, progress: Progress | None = None) -> d
 
     weights = dsd.prunable(model)
     if cfg.sparsity > 0:
-        masks = dsd.magnitude_masks(model, cfg.sparsity)
+        masks = {name: mask for name, mask in dsd.magnitude_masks(model, cfg.sparsity).items()
+                 if name not in depthwise_kernels(model)}
         dsd.apply_masks(model, masks)
         tuned = _tune(model, ft, meta, cfg, 1, functools.partial(dsd.apply_masks, masks=masks), progress)
         pruned = {name: Shared(torch.zeros(1), torch.where(w.detach().cpu() != 0, 0, -1)) for name, w in weights.items()}
