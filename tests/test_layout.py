@@ -10,6 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The modules behind the commands (cli.py and demo.py are the layer that strings them together).
 COMMANDS = {"distill_app.harvest.engine", "distill_app.training.trainer", "distill_app.deploy.evaluate",
             "distill_app.deploy.export", "distill_app.deploy.prune", "distill_app.deploy.predict",
+            "distill_app.deploy.compress",
             "distill_app.teachers.serve"}
 
 
