@@ -48,6 +48,20 @@ def m001_initial(db: sqlite_utils.Database) -> None:
                        pk=("day", "teacher"))
 
 
+@migration
+def m002_selections(db: sqlite_utils.Database) -> None:
+    # selections: which images a harvest chose to send, and why (harvest/select.py). One row per
+    # image claimed for sending; round counts the harvests of one teacher that chose any (1, 2, ...);
+    # rank is the image's place in that run's order (1 = chosen first); selector is the student
+    # run that scored the images (NULL: none, e.g. random, or diversity on the local teacher).
+    db["selections"].create(
+        {"image": str, "teacher": int, "strategy": str, "round": int, "rank": int,
+         "selector": str, "seed": int, "selected_at": str},
+        pk=("teacher", "round", "image"),
+        foreign_keys=[("image", "images", "sha256"), ("teacher", "teachers", "id")],
+    )
+
+
 def migrate(db: sqlite_utils.Database) -> list[str]:
     """Apply the migrations this database has not recorded yet; returns their names."""
     # BEGIN IMMEDIATE: two processes opening a new database at once must not both migrate.

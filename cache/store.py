@@ -256,6 +256,35 @@ class Store:
         ).fetchone()
         return row[0] if row else 0
 
+    # -- selections ---------------------------------------------------------------------------
+
+    def last_selection_round(self, teacher: int) -> int:
+        """The highest selection round recorded for ``teacher``; 0 before the first."""
+        row = self.db.execute("SELECT MAX(round) FROM selections WHERE teacher = ?", [teacher]).fetchone()
+        return row[0] or 0
+
+    def add_selections(self, teacher: int, round_: int, ranked: Iterable[tuple[str, int]], strategy: str,
+                       selector: str | None = None, seed: int | None = None) -> None:
+        """Record images ``(sha256, rank)`` chosen for sending in ``round_``. An image already
+        recorded in that round keeps its first row (a batch put back and claimed again)."""
+        now = utc_now().isoformat()
+        rows = [[sha, teacher, strategy, round_, rank, selector, seed, now] for sha, rank in ranked]
+        with self.immediate():
+            self.db.conn.executemany(
+                "INSERT OR IGNORE INTO selections (image, teacher, strategy, round, rank, selector, seed,"
+                " selected_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def selections(self, teacher: int | None = None, round_: int | None = None) -> list[dict]:
+        """Recorded selections (image, teacher, strategy, round, rank, selector, seed, selected_at),
+        by teacher, round and rank; optionally of one teacher and one round only."""
+        where, params = [], []
+        for column, value in (("teacher", teacher), ("round", round_)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        sql = "SELECT * FROM selections" + (" WHERE " + " AND ".join(where) if where else "")
+        return list(self.db.query(sql + " ORDER BY teacher, round, rank", params))
+
     # -- summaries ----------------------------------------------------------------------------
 
     def stats(self) -> dict:

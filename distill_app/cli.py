@@ -61,8 +61,13 @@ def harvest(
     device: str = typer.Option("auto", help="Local teachers: auto, cpu or cuda."),
     batch_size: int = typer.Option(32, min=1, help="Local teachers: images per forward pass."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be sent and what it would cost."),
-    select: str = typer.Option("random", help="Which waiting images a smaller budget goes to: random (seeded) "
-                               "or balanced (round-robin over the class folders). Never scan order."),
+    select: str = typer.Option("random", help="Which waiting images a smaller budget goes to: random (seeded), "
+                               "balanced (round-robin over the class folders), uncertainty (the --selector "
+                               "student's highest entropy first), diversity (k-center greedy on the --selector's "
+                               "or else the local teacher's features), hybrid (k-center among the 2 x budget most "
+                               "uncertain). Never scan order."),
+    selector: Optional[str] = typer.Option(None, help="Student run folder or model.pt that scores the images for "
+                                           "--select uncertainty, diversity or hybrid."),
     seed: int = typer.Option(0, min=0, help="Seed of --select: the same seed keeps one order across runs."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
@@ -76,7 +81,7 @@ def harvest(
         images=str(images), teacher=teacher, endpoint=endpoint, db=db, rate=_rate(rate),
         concurrency=concurrency, max_calls=max_calls, daily_quota=daily_quota, top_k=top_k,
         upload_size=upload_size, cost_per_1k=cost_per_1k, dry_run=dry_run, device=device,
-        batch_size=batch_size, select=select, seed=seed,
+        batch_size=batch_size, select=select, seed=seed, selector=selector,
     )
     with progress("harvest") as update:
         summary = run_harvest(cfg, progress=update)

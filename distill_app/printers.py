@@ -30,6 +30,11 @@ def print_harvest(s: dict) -> None:
     err.print(
         f"calls today {s['calls_today']}  estimated cost ${s['estimated_cost_usd']:.4f}  "
         f"elapsed {s['elapsed_s']:.1f}s  {speed}".rstrip(), markup=False)
+    sel = s.get("selection") or {}
+    if sel.get("model"):  # a model strategy ran: what it cost, and how much the cache saved
+        err.print(f"selected by {sel['strategy']} (round {sel.get('round', '-')}) with {sel['model']}: "
+                  f"scored {sel['scored']}  from cache {sel['cached']}  unreadable {sel['unreadable']}  "
+                  f"in {sel['seconds']:.1f}s", markup=False)
     if s.get("stopped"):
         err.print(f"stopped: {s['stopped']}", markup=False)
 

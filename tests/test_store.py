@@ -127,3 +127,17 @@ def test_reads_of_many_images_leave_no_transaction_open(store):
     with store.immediate():  # ... and inside one, a big read keeps the caller's transaction
         assert len(store.answered(t, shas)) == 1500
         assert store.db.conn.in_transaction
+
+
+def test_selections_by_round_and_rank(store):
+    t = store.teacher_id("local:x", "distribution")
+    assert store.last_selection_round(t) == 0 and store.selections() == []
+    store.add_selections(t, 1, [(SHA_B, 1), (SHA_A, 2)], "uncertainty", "/runs/s", seed=3)
+    store.add_selections(t, 1, [(SHA_B, 5)], "uncertainty", "/runs/s", seed=3)  # claimed again: first row kept
+    store.add_selections(t, 2, [(SHA_A, 1)], "random")
+    rows = store.selections(t)
+    assert [(r["image"], r["round"], r["rank"], r["strategy"], r["selector"], r["seed"]) for r in rows] == [
+        (SHA_B, 1, 1, "uncertainty", "/runs/s", 3), (SHA_A, 1, 2, "uncertainty", "/runs/s", 3),
+        (SHA_A, 2, 1, "random", None, None)]
+    assert store.last_selection_round(t) == 2 and store.selections(t, round_=2) == rows[2:]
+    assert rows[0]["selected_at"]

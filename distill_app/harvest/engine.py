@@ -29,7 +29,7 @@ from cache import ImageRow, Response, Store, open_store
 from ..data import images as imgs
 from ..errors import DistillError
 from .pacing import AUTO, RateLimiter, retry_policy
-from .select import STRATEGIES, select
+from .select import MODEL_STRATEGIES, NEEDS_SELECTOR, STRATEGIES, Pool, select
 from ..teachers import Teacher, TeacherOptions, TransientError, create_teacher
 from .upload import prepare_upload
 
@@ -58,6 +58,7 @@ class HarvestConfig:
     lease_s: float = 600.0  # a claim older than this belongs to a dead harvester
     select: str = "random"  # which waiting images a budget smaller than the wait goes to (select.py)
     seed: int = 0  # of the selection order: the same seed is the same order, run after run
+    selector: str | None = None  # a student run folder or model.pt: the model of --select uncertainty|hybrid
 
 
 def check_config(cfg: HarvestConfig) -> None:
@@ -78,6 +79,14 @@ def check_config(cfg: HarvestConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise DistillError(message)
+    if cfg.select in NEEDS_SELECTOR and not cfg.selector:
+        raise DistillError(f"--select {cfg.select} needs --selector RUN: the run folder (or model.pt) of a "
+                           f"student from `distill train`, whose uncertainty picks the images")
+    if cfg.selector and cfg.select not in MODEL_STRATEGIES:
+        raise DistillError(f"--selector is used by --select {', '.join(MODEL_STRATEGIES)} only, "
+                           f"not {cfg.select}")
+    if cfg.selector and not os.path.exists(cfg.selector):
+        raise DistillError(f"--selector {imgs.display_path(cfg.selector)!r}: no such run folder or model file")
 
 
 @dataclass
@@ -107,6 +116,7 @@ class Summary:
     paused_s: float = 0.0  # sending paused for everyone: every call in flight got a 503
     final_rate: float | None = None  # the pacer's requests/s at the end (--rate auto: what it found)
     stopped: str | None = None  # why the run stopped before the end (budget), with when to resume
+    selection: dict = field(default_factory=dict)  # strategy, round; a model strategy's scoring (select.Pool)
     dry_run: bool = False
 
     def to_dict(self) -> dict:
@@ -193,7 +203,7 @@ def harvest(cfg: HarvestConfig, progress: Callable[[int, int], None] | None = No
         teacher_id = store.teacher_id(teacher.spec, teacher.score_kind, {"top_k": cfg.top_k})
         paths = ingest(store, cfg.images, summary)
         answered = store.answered(teacher_id, paths)
-        todo = select(cfg.select, [sha for sha in paths if sha not in answered], store.image_labels(paths), cfg.seed)
+        todo = _order(cfg, store, teacher_id, paths, answered, summary)
         summary.already_cached, summary.to_send = len(paths) - len(todo), len(todo)
         if cfg.dry_run:
             summary.estimated_cost_usd = round(len(todo) * cfg.cost_per_1k / 1000, 6)
@@ -209,6 +219,19 @@ def harvest(cfg: HarvestConfig, progress: Callable[[int, int], None] | None = No
         store.close()
     summary.elapsed_s = round(time.monotonic() - start, 3)
     return summary.to_dict()
+
+
+def _order(cfg: HarvestConfig, store: Store, teacher_id: int, paths: dict[str, str], answered: set[str],
+           summary: Summary) -> list[str]:
+    """The waiting images in the order of ``--select``. The model strategies get the budget as it
+    stands now (the sending phase reads it again: another harvester may spend some meanwhile);
+    a dry run buys nothing, so it gets no budget and runs no model (select.py)."""
+    waiting = [sha for sha in paths if sha not in answered]
+    budget = 0 if cfg.dry_run else Budget(cfg.max_calls, cfg.daily_quota, store.calls_on(teacher_id)).left
+    pool = Pool(paths, budget, sorted(answered), cfg.selector, cfg.device, cfg.batch_size)
+    order = select(cfg.select, waiting, store.image_labels(paths), cfg.seed, pool)
+    summary.selection = {"strategy": cfg.select, "seed": cfg.seed, "selector": cfg.selector, **pool.report}
+    return order
 
 
 def _make_teacher(cfg: HarvestConfig, options: TeacherOptions) -> Teacher:
@@ -257,10 +280,16 @@ class _Run:
         self.waiting: list[tuple[float, int, _Job]] = []  # retries, a heap by not-before time
         self.running: dict[cf.Future, _Job] = {}
         self._jobs = itertools.count()
+        self.rank: dict[str, int] = {}  # sha256 -> place in this run's order, from 1
+        self.round = 0  # of the selections this run records (store.selections)
 
     def send(self, todo: list[str], progress: Callable[[int, int], None] | None) -> None:
         _release_dead_claims(self.store, self.teacher_id)
         queue = collections.deque(todo)
+        self.rank = {sha: i for i, sha in enumerate(todo, 1)}
+        # Harvesters of one teacher running at once share a round: one round, one budget's choice.
+        self.round = self.store.last_selection_round(self.teacher_id) + 1
+        self.summary.selection["round"] = self.round
         started = time.monotonic()
         try:
             with cf.ThreadPoolExecutor(self.workers, thread_name_prefix="harvest") as pool:
@@ -387,6 +416,10 @@ class _Run:
             # Counted before sending, corrected when the answers come back (_store): a harvester
             # killed with calls in flight has already counted them against the daily quota.
             self._add_usage(len(claimed))
+            # What was chosen and why, as it is claimed: images others held are not this run's.
+            cfg = self.cfg
+            self.store.add_selections(self.teacher_id, self.round, [(sha, self.rank[sha]) for sha in claimed],
+                                      cfg.select, cfg.selector and os.path.abspath(cfg.selector), cfg.seed)
         return claimed
 
     def _add_usage(self, calls: int) -> None:
