@@ -482,6 +482,45 @@ def prune(
 
 @app.command()
 @user_errors
+def loop(
+    images: Path = typer.Option(..., help="Folder of images: the pool the budget is spent on."),
+    teacher: str = typer.Option(..., help="Teacher spec (as for harvest)."),
+    budget: int = typer.Option(..., min=1, help="Calls in all, over every round."),
+    rounds: int = typer.Option(..., min=1, help="Harvest-then-train rounds; each spends budget/rounds."),
+    select: str = typer.Option("uncertainty", help="How rounds after the first choose: uncertainty, diversity, "
+                               "hybrid (with the previous round's student), random or balanced."),
+    db: Optional[str] = typer.Option(None, help=DB_HELP),
+    endpoint: Optional[str] = typer.Option(None, help="Teacher endpoint URL (remote teachers)."),
+    top_k: Optional[int] = typer.Option(None, min=1, help="Labels per answer (remote teachers)."),
+    label_map: Optional[Path] = typer.Option(None, help="As for train."),
+    width: float = typer.Option(1.0, help="Student width multiplier alpha."),
+    image_size: int = typer.Option(224, help="Student input resolution in pixels."),
+    epochs: int = typer.Option(10, min=1, help="Training epochs per round."),
+    batch_size: int = typer.Option(64, min=2),
+    val: Optional[Path] = typer.Option(None, help="Labelled folder to evaluate each round's student on."),
+    out: Path = typer.Option(Path("runs/loop"), help="Folder of the rounds (round-1, ...) and the final model.pt."),
+    seed: int = typer.Option(0, min=0),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Harvest and train in rounds, each round's student choosing the next images; rerun to resume.
+
+    Example: distill loop --images photos/ --teacher local --budget 1000 --rounds 4 --select uncertainty
+    """
+    from .harvest.select import STRATEGIES
+    from .loop import LoopConfig, run_loop
+
+    _check_choice("--select", select, STRATEGIES)
+    train_flags = {"width": width, "image_size": image_size, "epochs": epochs, "batch_size": batch_size,
+                   "label_map": str(label_map) if label_map else None}
+    cfg = LoopConfig(images=str(images), teacher=teacher, budget=budget, rounds=rounds, select=select, out=str(out),
+                     db=db, endpoint=endpoint, top_k=top_k, val=str(val) if val else None, seed=seed, train=train_flags)
+    result = run_loop(cfg, log=lambda line: err.print(line, markup=False))
+    if json_out:
+        emit_json(result)
+
+
+@app.command()
+@user_errors
 def compress(
     student: Path = typer.Option(..., help="Run folder of a trained student (or its model.pt)."),
     bits: int = typer.Option(5, min=1, max=8, help="Shared values per layer: 2^bits (k-means)."),

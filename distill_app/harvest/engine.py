@@ -409,17 +409,17 @@ class _Run:
         if not room:
             return None
         wanted = [queue.popleft() for _ in range(room)]
-        claimed = self.store.claim(self.teacher_id, wanted, self.owner, self.cfg.lease_s)
+        # What was chosen and why, recorded as it is claimed: images others held are not this run's.
+        cfg = self.cfg
+        selection = {"round": self.round, "ranks": self.rank, "strategy": cfg.select,
+                     "selector": cfg.selector and os.path.abspath(cfg.selector), "seed": cfg.seed}
+        claimed = self.store.claim(self.teacher_id, wanted, self.owner, cfg.lease_s, selection)
         self.summary.busy_elsewhere += len(wanted) - len(claimed)
         self.budget.give_back(room - len(claimed))
         if claimed:
             # Counted before sending, corrected when the answers come back (_store): a harvester
             # killed with calls in flight has already counted them against the daily quota.
             self._add_usage(len(claimed))
-            # What was chosen and why, as it is claimed: images others held are not this run's.
-            cfg = self.cfg
-            self.store.add_selections(self.teacher_id, self.round, [(sha, self.rank[sha]) for sha in claimed],
-                                      cfg.select, cfg.selector and os.path.abspath(cfg.selector), cfg.seed)
         return claimed
 
     def _add_usage(self, calls: int) -> None:

@@ -1,0 +1,90 @@
+"""``distill loop``: the active-learning cycle in one command, resumable. Each of ``rounds`` rounds
+brings the answered images up to ``budget * round / rounds`` (harvest, ordered by ``select`` with
+the previous round's student as the selector), then trains a student on all answers so far into
+``out/round-<r>``. Round 1 has no student yet: it takes a diverse sample (``diversity`` on the
+local EfficientNet-Lite0) when ``select`` is diversity or hybrid, else a random one.
+
+Nothing is paid twice: a round's calls are what its target lacks, counted from the store on every
+run, so a killed loop rerun with the same command sends only what is still missing; a round whose
+training finished is not trained again (its ``last.pt`` is resumed, which runs no epoch).
+Like ``demo``, this strings commands together; it holds no harvest or training logic of its own.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from .errors import DistillError
+
+MODEL_BASED = ("uncertainty", "diversity", "hybrid")
+
+
+@dataclass
+class LoopConfig:
+    images: str
+    teacher: str
+    budget: int
+    rounds: int
+    select: str = "uncertainty"
+    out: str = "runs/loop"
+    db: str | None = None
+    endpoint: str | None = None
+    top_k: int | None = None
+    val: str | None = None  # a labelled folder to evaluate each round's student on
+    seed: int = 0
+    train: dict = field(default_factory=dict)  # TrainConfig fields: width, image_size, epochs, label_map, ...
+
+
+def round_targets(budget: int, rounds: int) -> list[int]:
+    """Answered images wanted after each round: the budget in equal parts, the last one exact."""
+    return [budget * r // rounds for r in range(1, rounds + 1)]
+
+
+def run_loop(cfg: LoopConfig, log: Callable[[str], None] = print) -> dict:
+    """Harvest and train round after round; returns one summary per round."""
+    from .deploy.evaluate import evaluate
+    from .harvest.engine import HarvestConfig, harvest
+    from .training.trainer import TrainConfig, train
+
+    if cfg.budget < 1 or cfg.rounds < 1 or cfg.rounds > cfg.budget:
+        raise DistillError(f"--budget ({cfg.budget}) and --rounds ({cfg.rounds}) must be positive, "
+                           "with at least one call per round")
+    out = Path(cfg.out)
+    base = HarvestConfig(images=cfg.images, teacher=cfg.teacher, endpoint=cfg.endpoint, db=cfg.db,
+                         top_k=cfg.top_k, seed=cfg.seed)
+    rounds, selector = [], None
+    for r, target in enumerate(round_targets(cfg.budget, cfg.rounds), 1):
+        have = harvest(replace(base, dry_run=True))["already_cached"]
+        strategy = cfg.select if selector else ("diversity" if cfg.select in ("diversity", "hybrid") else "random")
+        sent = answered = 0
+        if target > have:
+            h = harvest(replace(base, max_calls=target - have, select=strategy,
+                                selector=selector if strategy in MODEL_BASED and selector else None))
+            sent, answered = h["sent"], h["succeeded"]
+        run = out / f"round-{r}"
+        t = train(TrainConfig(images=cfg.images, db=cfg.db, teachers=[cfg.teacher], out=str(run),
+                              resume=(run / "last.pt").exists(), seed=cfg.seed, **cfg.train))
+        row = {"round": r, "strategy": strategy, "answered": have + answered,
+               "sent": sent, "out": str(run), "val_accuracy": t["val_accuracy"], "agreement": t["agreement"]}
+        if cfg.val:
+            e = evaluate(str(run), cfg.val, db_path=cfg.db, teacher_spec=cfg.teacher, latency=False)
+            row.update(eval_accuracy=e["accuracy"], eval_agreement=e["teacher"]["agreement"])
+        log(_line(row))
+        rounds.append(row)
+        selector = str(run)
+    shutil.copy2(out / f"round-{cfg.rounds}" / "model.pt", out / "model.pt")  # the final student: --student OUT
+    return {"out": str(out), "rounds": rounds}
+
+
+def _line(row: dict) -> str:
+    def pct(x):
+        return "-" if x is None else f"{x:.1%}"
+
+    text = (f"round {row['round']}  {row['strategy']}  sent {row['sent']}  answered {row['answered']}  "
+            f"val accuracy {pct(row['val_accuracy'])}  agreement {pct(row['agreement'])}")
+    if "eval_accuracy" in row:
+        text += f"  eval accuracy {pct(row['eval_accuracy'])}  eval agreement {pct(row['eval_agreement'])}"
+    return text

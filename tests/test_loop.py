@@ -1,0 +1,79 @@
+"""`distill loop` through the CLI with the real local teacher and real training: the budget spent
+in rounds, and a rerun (or a loop killed mid-round) paying for nothing twice."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from cache import open_store
+from conftest import write_photos
+from distill_app.cli import app
+from distill_app.loop import round_targets
+
+LOOP = ["loop", "--teacher", "local", "--budget", "6", "--rounds", "2", "--select", "uncertainty",
+        "--label-map", "folders", "--width", "0.35", "--image-size", "32", "--epochs", "1", "--batch-size", "4",
+        "--out", "runs/loop", "--json"]
+
+
+def calls(db: str) -> int:
+    store = open_store(db, create=False)
+    try:
+        return sum(r["calls"] for r in store.db["usage"].rows)
+    finally:
+        store.close()
+
+
+def test_round_targets_split_the_budget_exactly():
+    assert round_targets(10, 3) == [3, 6, 10]
+    assert round_targets(6, 2) == [3, 6]
+
+
+def test_loop_spends_the_budget_in_rounds_and_a_rerun_pays_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_photos(tmp_path / "photos", per_class=5)  # 10 photos, a budget of 6
+    result = CliRunner().invoke(app, [*LOOP, "--images", "photos"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    rounds = summary["rounds"]
+    assert [r["strategy"] for r in rounds] == ["random", "uncertainty"]
+    assert [r["sent"] for r in rounds] == [3, 3] and rounds[-1]["answered"] == 6
+    assert "round 2  uncertainty  sent 3" in result.output
+    assert (tmp_path / "runs/loop/model.pt").exists() and (tmp_path / "runs/loop/round-2/model.pt").exists()
+    assert calls("distill.db") == 6
+    store = open_store("distill.db", create=False)
+    try:
+        chosen = list(store.db["selections"].rows)
+    finally:
+        store.close()
+    assert sorted({(r["round"], r["strategy"]) for r in chosen}) == [(1, "random"), (2, "uncertainty")]
+    again = CliRunner().invoke(app, [*LOOP, "--images", "photos"])
+    assert again.exit_code == 0, again.output
+    assert [r["sent"] for r in json.loads(again.stdout.strip().splitlines()[-1])["rounds"]] == [0, 0]
+    assert calls("distill.db") == 6
+
+
+def test_a_loop_killed_in_round_2_resumes_without_paying_twice(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_photos(tmp_path / "photos", per_class=5)
+    import distill_app.training.trainer as trainer
+
+    real_train = trainer.train
+    trained = []
+
+    def killed_in_round_2(cfg, progress=None):
+        trained.append(cfg.out)
+        if cfg.out.endswith("round-2"):
+            raise KeyboardInterrupt  # killed after round 2's harvest, before its training ended
+        return real_train(cfg, progress)
+
+    monkeypatch.setattr(trainer, "train", killed_in_round_2)
+    killed = CliRunner().invoke(app, [*LOOP, "--images", "photos"])
+    assert killed.exit_code != 0 and trained[-1].endswith("round-2")
+    assert calls("distill.db") == 6
+    monkeypatch.setattr(trainer, "train", real_train)
+    result = CliRunner().invoke(app, [*LOOP, "--images", "photos"])
+    assert result.exit_code == 0, result.output
+    assert [r["sent"] for r in json.loads(result.stdout.strip().splitlines()[-1])["rounds"]] == [0, 0]
+    assert calls("distill.db") == 6
