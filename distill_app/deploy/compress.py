@@ -88,15 +88,22 @@ def kmeans_1d(values: torch.Tensor, k: int, iterations: int = KMEANS_ITERATIONS)
     for _ in range(iterations):
         order = centroids.sort().values
         assign = torch.bucketize(values, (order[1:] + order[:-1]) / 2)
-        sums = torch.zeros(k).scatter_add_(0, assign, values)
-        counts = torch.zeros(k).scatter_add_(0, assign, torch.ones_like(values))
-        new = torch.where(counts > 0, sums / counts.clamp_min(1), order)  # an empty cluster stays put
+        new = centroid_means(values, assign, order)
         if torch.allclose(new, order):
             centroids = new
             break
         centroids = new
     order = centroids.sort().values
     return order, torch.bucketize(values, (order[1:] + order[:-1]) / 2)
+
+
+def centroid_means(values: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Each cluster's mean of ``values`` (``assign``: the cluster of each); an empty cluster keeps
+    its centroid. Lloyd's update step, and the shared weights' update after an optimizer step."""
+    k = centroids.numel()
+    sums = torch.zeros(k, device=values.device).scatter_add_(0, assign, values)
+    counts = torch.zeros(k, device=values.device).scatter_add_(0, assign, torch.ones_like(values))
+    return torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
 
 
 def share(weight: torch.Tensor, bits: int) -> Shared:
@@ -124,23 +131,34 @@ def apply_shared(model: nn.Module, shared: dict[str, Shared]) -> None:
             tensor.copy_(codec.stored_dense(tensor))
 
 
+def kept_clusters(shared: dict[str, Shared], device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per shared weight: (flat positions of the kept weights, their clusters) on ``device``, made
+    once for :func:`reshare`, which runs after every optimizer step."""
+    out = {}
+    for name, s in shared.items():
+        flat = s.index.flatten()
+        where = torch.nonzero(flat >= 0).flatten()
+        out[name] = (where.to(device), flat[where].to(device))
+    return out
+
+
 @torch.no_grad()
-def reshare(model: nn.Module, shared: dict[str, Shared]) -> None:
+def reshare(model: nn.Module, shared: dict[str, Shared],
+            kept: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
     """After an optimizer step: each centroid becomes the mean of its weights (moved by the step),
     and every weight its centroid again; pruned weights stay zero. With plain SGD this is the
-    paper's centroid update by the summed gradient, up to the step size."""
+    paper's centroid update by the summed gradient, up to the step size. ``kept``: from
+    :func:`kept_clusters` (made here if not given)."""
     params = dict(model.named_parameters())
-    for name, s in shared.items():
+    kept = kept or kept_clusters(shared, next(iter(params.values())).device)
+    for name, (where, assign) in kept.items():
         weight = params[name]
-        flat = weight.detach().flatten()
-        index = s.index.flatten().to(flat.device)
-        kept = index >= 0
-        k = s.codebook.numel()
-        sums = torch.zeros(k, device=flat.device).scatter_add_(0, index[kept], flat[kept].float())
-        counts = torch.zeros(k, device=flat.device).scatter_add_(0, index[kept], torch.ones_like(sums[index[kept]]))
-        codebook = torch.where(counts > 0, sums / counts.clamp_min(1), s.codebook.to(flat.device))
-        s.codebook = codebook.cpu()
-        weight.copy_(Shared(codebook, index.view(weight.shape)).tensor().to(weight.dtype))
+        values = weight.detach().flatten()[where].float()
+        codebook = centroid_means(values, assign, shared[name].codebook.to(values.device))
+        shared[name].codebook = codebook  # on the model's device until fine-tuning ends: no sync per step
+        flat = torch.zeros(weight.numel(), dtype=weight.dtype, device=weight.device)
+        flat[where] = codebook[assign].to(weight.dtype)
+        weight.copy_(flat.view(weight.shape))
 
 
 # -- the whole job ----------------------------------------------------------------------------
@@ -170,8 +188,11 @@ def compress_student(cfg: CompressConfig, progress: Progress | None = None) -> d
 
     shared = {name: share(w, cfg.bits) for name, w in weights.items()}
     apply_shared(model, shared)
-    tuned = _tune(model, ft, meta, cfg, 2, functools.partial(reshare, shared=shared), progress)
+    kept = kept_clusters(shared, device)
+    tuned = _tune(model, ft, meta, cfg, 2, functools.partial(reshare, shared=shared, kept=kept), progress)
     if tuned:  # fine-tuning moved BN statistics and biases: back to what the file holds
+        for s in shared.values():
+            s.codebook = s.codebook.cpu()
         apply_shared(model, shared)
     stages.append({"stage": f"shared {cfg.bits}-bit", "bytes": codec.stage_bytes(state, shared, cfg.bits),
                    "fine_tuned_epochs": tuned, **score(model)})
