@@ -11,11 +11,12 @@ from typing import List, Optional
 
 import typer
 
-from cache import default_db_path, open_store
+from cache import default_db_path
 
 from . import printers
 from .console import emit_json, err, progress, user_errors
 from .errors import DistillError
+from .store_commands import DB_HELP, JSON_HELP, cache_app, labels_app
 from .teachers.serve import TOKEN_ENV_VAR
 
 app = typer.Typer(
@@ -25,13 +26,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,  # our own handler prints one line, secrets redacted
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-cache_app = typer.Typer(help="Look inside the soft-label store.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
-labels_app = typer.Typer(help="Label maps: draft one from class folders.", no_args_is_help=True)
 app.add_typer(labels_app, name="labels")
-
-DB_HELP = "SQLite store (default: $DISTILL_DB or ./distill.db)."
-JSON_HELP = "Print one JSON object as the last line of stdout."
 
 
 def _setup_logging() -> None:
@@ -128,7 +124,7 @@ def train(
     batch_size: int = typer.Option(64, min=1),
     lr: float = typer.Option(2e-3, help="Peak learning rate (AdamW, cosine schedule)."),
     targets: str = typer.Option("soft", help="soft (teacher probabilities) or hard (its argmax)."),
-    loss: str = typer.Option("mse", help="mse (on probabilities) or kl (Hinton, T^2)."),
+    loss: str = typer.Option("mse", help="mse (on probabilities), logit-mse (centred logits on log-probabilities) or kl (Hinton, T^2)."),
     temperature: float = typer.Option(1.0, min=0.05),
     hard_weight: float = typer.Option(0.0, min=0.0, help="Weight of cross-entropy on hard labels."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default runs/<student>-<n>)."),
@@ -166,7 +162,7 @@ def train(
     from .training.trainer import TrainConfig, train as run_train
 
     _check_choice("--targets", targets, ("soft", "hard"))
-    _check_choice("--loss", loss, ("mse", "kl"))
+    _check_choice("--loss", loss, ("mse", "logit-mse", "kl"))
     _check_choice("--pretrained", pretrained, PRETRAINED_MODES)
     cfg = TrainConfig(
         images=str(images), db=db, teachers=list(teacher or ["local"]),
@@ -218,129 +214,6 @@ def eval_cmd(
     printers.print_eval(result)
     if json_out:
         emit_json(result)
-
-
-@cache_app.command("stats")
-@user_errors
-def cache_stats(
-    db: Optional[str] = typer.Option(None, help=DB_HELP),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
-) -> None:
-    """Images, answers, failures and calls in the store.
-
-    Example: distill cache stats --db distill.db
-    """
-    store = open_store(db, create=False)
-    stats = store.stats()
-    store.close()
-    err.print(f"{stats['db']}: {stats['images']} images ({stats['labelled_images']} in class folders)",
-              markup=False)
-    for t in stats["teachers"]:
-        err.print(f"  {t['spec']:<32} ok {t['ok']}  failed {t['failed']}  claimed {t['claimed']}  "
-                  f"calls {t['calls']}  ${t['cost_usd']}", markup=False)
-    if json_out:
-        emit_json(stats)
-
-
-@cache_app.command("labels")
-@user_errors
-def cache_labels(
-    db: Optional[str] = typer.Option(None, help=DB_HELP),
-    teacher: str = typer.Option("local", help="Teacher spec."),
-    label_map: Optional[Path] = typer.Option(None, help="Check this label map against the answers."),
-    limit: int = typer.Option(30, min=1, help="How many labels to list."),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
-) -> None:
-    """The teacher's vocabulary as seen in its answers (top-1 count, total score), or with
-    --label-map, what the map covers: labels and mass per class, and what falls outside.
-
-    Example: distill cache labels --teacher local --label-map classes.toml
-    """
-    from .teachers.spec import stored_teacher
-
-    store = open_store(db, create=False)
-    try:
-        answers = store.answers(stored_teacher(store, teacher)["id"])
-    finally:
-        store.close()
-    if label_map:
-        from .data.label_check import check_label_map
-        from .data.targets import load_label_map
-
-        report = check_label_map(answers, load_label_map(label_map), top=limit)
-        printers.print_label_check(report)
-        if json_out:
-            emit_json(report)
-        return
-    rows = printers.label_counts(answers)
-    for row in rows[:limit]:
-        err.print(f"  {row['top1']:6d}  {row['mass']:10.3f}  {row['label']}", markup=False)
-    if json_out:
-        emit_json({"teacher": teacher, "labels": rows[:limit], "distinct_labels": len(rows)})
-
-
-@cache_app.command("export")
-@user_errors
-def cache_export(
-    db: Optional[str] = typer.Option(None, help=DB_HELP),
-    teacher: Optional[str] = typer.Option(None, help="Only this teacher's answers."),
-) -> None:
-    """Every stored answer as JSON Lines on stdout (sha256, path, label, teacher, status, scores).
-
-    Example: distill cache export > answers.jsonl
-    """
-    store = open_store(db, create=False)
-    try:
-        for row in store.export_rows(teacher):
-            sys.stdout.write(json.dumps(row) + "\n")
-    finally:
-        store.close()
-
-
-@labels_app.command("suggest")
-@user_errors
-def labels_suggest(
-    images: Path = typer.Option(..., help="Folder of class subfolders, harvested."),
-    db: Optional[str] = typer.Option(None, help=DB_HELP),
-    teacher: str = typer.Option("local", help="Teacher spec whose answers to read."),
-    min_share: float = typer.Option(0.05, min=0.0, max=1.0, help="Keep a teacher label when it carries at least "
-                                    "this share of a folder's answered mass."),
-    out: Optional[Path] = typer.Option(None, help="Write the TOML here (default: print it on stdout)."),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
-) -> None:
-    """Draft a label map (TOML) from class folders: per folder, the teacher labels that carry most of its mass.
-
-    Example: distill labels suggest --images photos/ --out labels.toml && distill train --images photos/ --label-map labels.toml
-    """
-    from .data.images import list_images
-    from .data.label_check import render_toml, suggest_label_map
-    from .teachers.spec import stored_teacher
-
-    found = list_images(images)
-    folders = dict(zip(found.shas, found.labels))
-    if not any(folders.values()):
-        raise DistillError(f"no class subfolders under {images}: a label map is drafted per folder")
-    store = open_store(db, create=False)
-    try:
-        answers = store.answers(stored_teacher(store, teacher)["id"], found.shas)
-    finally:
-        store.close()
-    if not answers:
-        raise DistillError(f"no answers from {teacher} for the images under {images}: run `distill harvest "
-                           f"--images {images} --teacher {teacher}` first")
-    suggestion = suggest_label_map(answers, folders, min_share)
-    text = render_toml(suggestion, f"{len(answers)} answers of {teacher} for {images}")
-    if out:
-        out.write_text(text, encoding="utf-8")
-        err.print(f"wrote {out}: {len(suggestion['classes'])} classes", markup=False)
-    elif not json_out:
-        sys.stdout.write(text)
-    for folder, shared in suggestion["shared"].items():
-        for s in shared:
-            err.print(f"note: {s['label']!r} feeds {folder} ({s['share']:.1%}) and {s['kept_in']}; kept in "
-                      f"{s['kept_in']}", markup=False)
-    if json_out:
-        emit_json(suggestion)
 
 
 @app.command()

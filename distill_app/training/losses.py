@@ -1,7 +1,10 @@
 """The distillation losses: the student's logits against the teacher's targets (and hard labels).
 
-``mse`` (the default, from the course this project grew from) compares probabilities; ``kl`` is
-Hinton et al. (2015): KL(teacher_T || student_T) scaled by T^2 so its gradients keep the same
+``mse`` (the default, from the course this project grew from) compares probabilities;
+``logit-mse`` regresses the student's centred logits on the teacher's centred log-probabilities
+(Ba & Caruana 2014, "Do deep nets really need to be deep?"): the teacher's answers are
+probabilities, and log p minus its mean over the classes is the logit vector they came from, up to
+the constant a softmax ignores. ``kl`` is Hinton et al. (2015): KL(teacher_T || student_T) scaled by T^2 so its gradients keep the same
 magnitude whatever the temperature. Teacher answers are stored as probabilities, not logits,
 so the teacher is softened as ``p^(1/T)`` renormalised, which equals ``softmax(log(p) / T)``.
 
@@ -14,7 +17,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("mse", "kl")
+LOSSES = ("mse", "logit-mse", "kl")
+
+# logit-mse: a class the teacher gave nothing (outside its top k, or no answer at all) is taken as
+# this probability, so its log is finite (-6.9): "far below the answered classes", not -infinity.
+LOGIT_FLOOR = 1e-3
 
 
 def soften(probs: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -39,6 +46,8 @@ def distill_loss(
     logits: (B, C) student outputs (any dtype; computed in float32); soft_targets: (B, C) rows
     summing to 1; hard_labels: (B,) int64 class indices (used when hard_weight > 0).
     ``mse``: mean over batch and classes of (softmax(z/T) - target)^2, the target as stored.
+    ``logit-mse``: mean of (z - mean(z) - (log t - mean(log t)))^2, t floored at LOGIT_FLOOR
+    (no temperature: the logits are compared as they are).
     ``kl``: T^2 * KL(soften(target, T) || softmax(z/T)), averaged over the batch.
     Plus ``hard_weight`` * cross-entropy(z, hard_labels) at T=1.
     """
@@ -46,6 +55,9 @@ def distill_loss(
     t = float(temperature)
     if kind == "mse":
         loss = F.mse_loss(torch.softmax(z / t, dim=1), soft_targets)
+    elif kind == "logit-mse":
+        logt = torch.log(soft_targets.float().clamp_min(LOGIT_FLOOR))
+        loss = F.mse_loss(z - z.mean(dim=1, keepdim=True), logt - logt.mean(dim=1, keepdim=True))
     elif kind == "kl":
         target = soften(soft_targets, t)
         loss = t * t * F.kl_div(torch.log_softmax(z / t, dim=1), target, reduction="batchmean")
