@@ -148,6 +148,10 @@ def train(
     dsd_sparsity: float = typer.Option(0.5, help="DSD: fraction of each layer's weights held at zero in the sparse phase."),
     dsd_phases: Optional[str] = typer.Option(None, help="DSD: epochs of the dense, sparse and re-dense phases, e.g. "
                                              "4,3,3 (default: thirds of --epochs)."),
+    mixup: float = typer.Option(0.0, min=0.0, help="Mixup alpha: mix pairs of images and their soft targets with "
+                                "Beta(alpha, alpha) weights (0: off)."),
+    ema: float = typer.Option(0.0, min=0.0, max=0.99999, help="Keep an exponential moving average of the weights "
+                              "with this decay (e.g. 0.999; 0: off); model.pt keeps it when it agrees better."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Train a student on the teacher's stored soft labels.
@@ -174,6 +178,7 @@ def train(
         backbone_lr=backbone_lr,
         accum_steps=accum_steps, compile=compile_model, disturb_label=disturb_label,
         dsd=dsd, dsd_sparsity=dsd_sparsity, dsd_phases=_int_list("--dsd-phases", dsd_phases),
+        mixup=mixup, ema=ema,
     )
     if not is_main_process():  # under torchrun, rank 0 alone shows progress and prints
         run_train(cfg)

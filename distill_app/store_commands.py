@@ -29,18 +29,28 @@ def cache_stats(
     db: Optional[str] = typer.Option(None, help=DB_HELP),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Images, answers, failures and calls in the store.
+    """Images, answers, failures and calls in the store, and how each teacher's budget was spent:
+    the images chosen per harvest round and --select strategy.
 
     Example: distill cache stats --db distill.db
     """
     store = open_store(db, create=False)
-    stats = store.stats()
-    store.close()
+    try:
+        stats = store.stats()
+        chosen = store.selection_counts()
+    finally:
+        store.close()
     err.print(f"{stats['db']}: {stats['images']} images ({stats['labelled_images']} in class folders)",
               markup=False)
     for t in stats["teachers"]:
         err.print(f"  {t['spec']:<32} ok {t['ok']}  failed {t['failed']}  claimed {t['claimed']}  "
                   f"calls {t['calls']}  ${t['cost_usd']}", markup=False)
+        t["selections"] = [{k: v for k, v in row.items() if k != "teacher"} for row in chosen
+                           if row["teacher"] == t["spec"]]
+        for s in t["selections"]:
+            selector = f"  selector {s['selector']}" if s["selector"] else ""
+            err.print(f"    round {s['round']:<3} {s['strategy']:<12} chosen {s['images']}  answered "
+                      f"{s['answered']}{selector}", markup=False)
     if json_out:
         emit_json(stats)
 

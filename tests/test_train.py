@@ -306,3 +306,85 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(dataset, monkeypatch
     summary = train(config(dataset, epochs=1, compile=True, out="compiled"))
     assert summary["epochs"] == 1
     assert any("--compile failed (RuntimeError: inductor: no C++ compiler)" in r.getMessage() for r in caplog.records)
+
+
+def test_mixup_mixes_images_soft_targets_and_hard_labels_with_the_same_weights():
+    from distill_app.training.losses import mixup
+
+    x = torch.arange(4 * 3 * 2 * 2, dtype=torch.float32).view(4, 3, 2, 2)
+    soft = torch.softmax(torch.randn(4, 5, generator=torch.Generator().manual_seed(0)), dim=1)
+    hard = torch.tensor([0, 1, 2, 3])
+    mx, ms, mh = mixup(x.clone(), soft.clone(), hard, 0.7)
+    for i in range(4):  # image i is mixed with image 3 - i, everything with 0.7 / 0.3
+        assert torch.allclose(mx[i], 0.7 * x[i] + 0.3 * x[3 - i])
+        assert torch.allclose(ms[i], 0.7 * soft[i] + 0.3 * soft[3 - i])
+        expected = torch.zeros(5)
+        expected[hard[i]] += 0.7
+        expected[hard[3 - i]] += 0.3
+        assert torch.allclose(mh[i], expected)
+    assert torch.allclose(ms.sum(1), torch.ones(4))
+
+
+def test_logit_mse_is_zero_for_the_teachers_own_logits_up_to_a_constant():
+    from distill_app.training.losses import distill_loss
+
+    logits = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    probs = torch.softmax(logits, dim=1)
+    assert distill_loss(logits + 5.0, probs, None, "logit-mse").item() == pytest.approx(0.0, abs=1e-6)
+    assert distill_loss(-logits, probs, None, "logit-mse").item() > 0.1
+    # A class the teacher gave nothing (outside its top k) stays finite.
+    assert math.isfinite(distill_loss(logits, torch.tensor([[1.0, 0, 0, 0]] * 3), None, "logit-mse").item())
+
+
+def test_ema_weights_are_what_model_pt_holds_when_they_agree_better(dataset):
+    summary = train(config(dataset, epochs=3, ema=0.9, mixup=0.4, loss="logit-mse", hard_weight=0.5, out="ema"))
+    lines = [json.loads(line) for line in (dataset / "ema/metrics.jsonl").read_text().splitlines()]
+    assert all({"ema_val_agreement", "ema_val_loss", "kept"} <= set(m) for m in lines)
+    best = next(m for m in lines if m["epoch"] == summary["best_epoch"])
+    assert summary["kept"] == best["kept"]
+    ckpt = torch.load(dataset / "ema/last.pt", weights_only=True)
+    model, meta = open_student(dataset / "ema")
+    saved = model.state_dict()
+    if best["epoch"] == 3:  # model.pt was written at the last epoch: compare with last.pt's weights
+        source = ckpt["ema"] if best["kept"] == "ema" else ckpt["model"]
+        other = ckpt["model"] if best["kept"] == "ema" else ckpt["ema"]
+        assert all(torch.equal(saved[k], source[k]) for k in saved)
+        assert not all(torch.equal(saved[k], other[k]) for k in saved)
+    assert meta.metrics["val_agreement"] == best["ema_val_agreement" if best["kept"] == "ema" else "val_agreement"]
+
+
+def test_ema_run_picks_the_ema_weights_when_they_are_better(dataset, monkeypatch):
+    """is_better decides, so with the live weights made to look worse, model.pt holds the EMA's."""
+    from distill_app.training import trainer
+
+    real = trainer.evaluate
+    monkeypatch.setattr(trainer, "evaluate", lambda run, model=None: (
+        real(run, model) if model is not None else {**real(run), "val_agreement": -1.0}))
+    train(config(dataset, epochs=2, ema=0.5, out="ema-wins"))
+    ckpt = torch.load(dataset / "ema-wins/last.pt", weights_only=True)
+    model, _ = open_student(dataset / "ema-wins")
+    assert all(torch.equal(v, ckpt["ema"][k]) for k, v in model.state_dict().items())
+    lines = [json.loads(line) for line in (dataset / "ema-wins/metrics.jsonl").read_text().splitlines()]
+    assert [m["kept"] for m in lines] == ["ema", "ema"]
+
+
+def test_resume_with_ema_and_mixup_repeats_an_uninterrupted_run(dataset):
+    flags = dict(ema=0.9, mixup=0.4, hard_weight=0.3, disturb_label=0.1, epochs=3)
+    train(config(dataset, out="straight", **flags))
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_in_epoch_3(epoch, step, steps, info):
+        if epoch == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(config(dataset, out="resumed", **flags), progress=stop_in_epoch_3)
+    train(config(dataset, out="resumed", resume=True, **flags))
+    straight = torch.load(dataset / "straight/last.pt", weights_only=True)
+    resumed = torch.load(dataset / "resumed/last.pt", weights_only=True)
+    for part in ("model", "ema"):
+        for key, value in straight[part].items():
+            assert torch.allclose(value.float(), resumed[part][key].float()), (part, key)
+    assert straight["history"][2]["ema_val_loss"] == pytest.approx(resumed["history"][2]["ema_val_loss"])

@@ -70,6 +70,11 @@ class TrainConfig:
     dsd: bool = False
     dsd_sparsity: float = 0.5
     dsd_phases: list[int] | None = None
+    # Mixup of images and their soft targets within each batch (losses.mixup): Beta(alpha, alpha); 0: off.
+    mixup: float = 0.0
+    # EMA of the weights (timm ModelEmaV3, with its warm-up), evaluated every epoch beside the live
+    # weights; model.pt holds whichever agrees better with the teacher. 0: off.
+    ema: float = 0.0
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -98,6 +103,8 @@ def check_config(cfg: TrainConfig) -> None:
         (0 <= cfg.disturb_label < 1, f"--disturb-label must be in [0, 1), got {cfg.disturb_label}"),
         (not cfg.disturb_label or cfg.hard_weight > 0,
          f"--disturb-label {cfg.disturb_label} disturbs the hard-label term only: give it a weight with --hard-weight"),
+        (cfg.mixup >= 0, f"--mixup must be >= 0 (the Beta distribution's alpha), got {cfg.mixup}"),
+        (0 <= cfg.ema < 1, f"--ema must be in [0, 1) (the decay; 0 is off), got {cfg.ema}"),
         (0 < cfg.dsd_sparsity < 1, f"--dsd-sparsity must be between 0 and 1, got {cfg.dsd_sparsity}"),
         (cfg.dsd_phases is None or (cfg.dsd and len(cfg.dsd_phases) == 3 and min(cfg.dsd_phases) >= 1
                                     and sum(cfg.dsd_phases) == cfg.epochs),

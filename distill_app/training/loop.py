@@ -22,7 +22,7 @@ from ..errors import DistillError, one_line
 from .config import Progress, TrainConfig
 from .data import TrainData
 from .distributed import Ranks, all_sum
-from .losses import distill_loss, disturb_labels
+from .losses import distill_loss, disturb_labels, mixup
 from .schedule import MicroBatch, epoch_batches, epoch_plan, get_lr
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class Run:
     # Called after every optimizer step: a constraint on the weights (DSD's masks, compress's shared weights).
     after_step: Callable[[torch.nn.Module], None] | None = None
     weights: Weights = RANDOM  # where the initial weights came from (recorded in model.pt and last.pt)
+    ema: torch.nn.Module | None = None  # timm ModelEmaV3 of model (--ema); its .module is the averaged student
 
     @property
     def device(self) -> torch.device:
@@ -72,13 +73,26 @@ class Run:
         """(B, S, S, 3) uint8 -> the student's normalised float input."""
         return to_input(x, mean=self.student.mean, std=self.student.std)
 
-    def loss(self, logits: torch.Tensor, idx: torch.Tensor, seed: int | None = None) -> torch.Tensor:
-        """The batch's loss; with a ``seed`` (training steps), --disturb-label redraws hard labels."""
+    def loss(self, logits: torch.Tensor, idx: torch.Tensor, seed: int | None = None,
+             targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The batch's loss; with a ``seed`` (training steps), --disturb-label redraws hard labels.
+        ``targets``: (soft, hard) to use instead of the images' own (mixup's mixed ones)."""
         c = self.cfg
-        hard = self.hard[idx]
+        soft, hard = targets if targets is not None else (self.targets[idx], self.hard[idx])
         if seed is not None and c.disturb_label:
             hard = disturb_labels(hard, logits.shape[1], c.disturb_label, torch.Generator().manual_seed(seed))
-        return distill_loss(logits, self.targets[idx], hard, c.loss, c.temperature, c.hard_weight)
+        return distill_loss(logits, soft, hard, c.loss, c.temperature, c.hard_weight)
+
+    def mixed(self, x: torch.Tensor, idx: torch.Tensor, seed: int):
+        """--mixup: (mixed input, (soft, hard) targets mixed alike), the weight drawn from
+        Beta(alpha, alpha) seeded per micro-batch (resume repeats it); --disturb-label first
+        redraws the hard labels, as it would unmixed."""
+        lam = float(np.random.default_rng(seed).beta(self.cfg.mixup, self.cfg.mixup))
+        hard = self.hard[idx]
+        if self.cfg.disturb_label:
+            hard = disturb_labels(hard, self.targets.shape[1], self.cfg.disturb_label, torch.Generator().manual_seed(seed))
+        x, soft, hard = mixup(x, self.targets[idx], hard, lam)
+        return x, (soft, hard)
 
     def autocast(self):
         # bf16 on CUDA only (SPEC): on CPU, float32 keeps runs repeatable and bf16 buys little.
@@ -138,10 +152,17 @@ def new_run(cfg: TrainConfig, data: TrainData, pixels: np.ndarray, student: Stud
     device = ranks.device
     targets = data.soft_targets if cfg.targets == "soft" else one_hot(data.teacher_top1, len(data.classes))
     net, ddp = wrap_model(model, cfg, ranks)
-    return Run(cfg, data, pixels, student, model, net, ddp, make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.backbone_lr if pretrained else 1.0), ranks,
-               torch.from_numpy(targets).to(device), torch.from_numpy(data.hard_labels).to(device),
-               torch.from_numpy(data.teacher_top1).to(device), compiling=cfg.compile,
-               steps_per_epoch=len(epoch_batches(np.arange(n_train), cfg.batch_size, 0, 0, min_size=2 * parts)))
+    run = Run(cfg, data, pixels, student, model, net, ddp, make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.backbone_lr if pretrained else 1.0), ranks,
+              torch.from_numpy(targets).to(device), torch.from_numpy(data.hard_labels).to(device),
+              torch.from_numpy(data.teacher_top1).to(device), compiling=cfg.compile,
+              steps_per_epoch=len(epoch_batches(np.arange(n_train), cfg.batch_size, 0, 0, min_size=2 * parts)))
+    if cfg.ema:
+        from timm.utils import ModelEmaV3  # timm is imported only when asked for
+
+        # use_warmup: the decay grows as 1 - (1 + step)^(-2/3) up to --ema, so a short run's
+        # average is not dominated by its random initial weights.
+        run.ema = ModelEmaV3(model, decay=cfg.ema, use_warmup=True)
+    return run
 
 
 def micro_step(run: Run, micro: MicroBatch, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -152,10 +173,14 @@ def micro_step(run: Run, micro: MicroBatch, x: torch.Tensor, idx: torch.Tensor) 
     if x.dtype == torch.uint8:  # a GPU gets uint8 (4x less to copy) and normalises it itself
         x = run.input(x)
     idx = idx.to(run.device, non_blocking=True)
+    seed = (micro.seed + 1) % 2**63  # not dropout's stream
+    targets = None
+    if run.cfg.mixup:
+        x, targets = run.mixed(x, idx, seed)
     with run.ddp.no_sync() if run.ddp is not None and not micro.last else nullcontext():
         with run.autocast():
             logits = run.net(x)
-        loss = run.loss(logits, idx, seed=(micro.seed + 1) % 2**63)  # not dropout's stream
+        loss = run.loss(logits, idx, seed=None if targets else seed, targets=targets)
         (loss * micro.weight).backward()
     return loss
 
@@ -205,6 +230,8 @@ def train_epoch(run: Run, epoch: int, progress: Progress | None) -> dict:
         if run.after_step:
             run.after_step(run.model)
         run.step += 1
+        if run.ema is not None:
+            run.ema.update(run.model, step=run.step)
         done += 1
         if progress:
             info = {"phase": "train", "lr": lr}
@@ -218,14 +245,15 @@ def train_epoch(run: Run, epoch: int, progress: Progress | None) -> dict:
 
 
 @torch.no_grad()
-def evaluate(run: Run) -> dict:
+def evaluate(run: Run, model: torch.nn.Module | None = None) -> dict:
     """val_loss (same loss as training), val_accuracy (vs hard labels), val_agreement (vs teacher
-    top-1); each process evaluates its share of the validation images with rank 0's BatchNorm
-    statistics (those saved), and the sums are added up."""
-    run.model.eval()
+    top-1) of ``model`` (default: the live student); each process evaluates its share of the
+    validation images with rank 0's BatchNorm statistics (those saved), and the sums are added up."""
+    model = run.model if model is None else model
+    model.eval()
     ranks = run.ranks
     if ranks.world > 1:
-        for buffer in run.model.buffers():
+        for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
     loss_sum = torch.zeros((), device=run.device)
     correct = torch.zeros((), dtype=torch.int64, device=run.device)
@@ -237,7 +265,7 @@ def evaluate(run: Run) -> dict:
         x = run.input(torch.from_numpy(run.pixels[idx_np]).to(run.device))
         idx = torch.from_numpy(idx_np).to(run.device)
         with run.autocast():
-            logits = run.model(x)
+            logits = model(x)
         loss_sum += run.loss(logits, idx) * len(idx)
         pred = logits.argmax(dim=1)
         correct += (pred == run.hard[idx]).sum()

@@ -44,7 +44,8 @@ def distill_loss(
     """Scalar loss for one batch.
 
     logits: (B, C) student outputs (any dtype; computed in float32); soft_targets: (B, C) rows
-    summing to 1; hard_labels: (B,) int64 class indices (used when hard_weight > 0).
+    summing to 1; hard_labels: (B,) int64 class indices, or (B, C) probabilities (mixup), used
+    when hard_weight > 0.
     ``mse``: mean over batch and classes of (softmax(z/T) - target)^2, the target as stored.
     ``logit-mse``: mean of (z - mean(z) - (log t - mean(log t)))^2, t floored at LOGIT_FLOOR
     (no temperature: the logits are compared as they are).
@@ -68,6 +69,20 @@ def distill_loss(
             raise ValueError("hard_weight > 0 needs hard_labels")
         loss = loss + hard_weight * F.cross_entropy(z, hard_labels)
     return loss
+
+
+def mixup(x: torch.Tensor, soft: torch.Tensor, hard: torch.Tensor, lam: float
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mixup (Zhang et al. 2018) within a batch, image i with image B-1-i: the images, the soft
+    targets and the one-hot hard labels all mixed with the same weights ``lam`` and ``1 - lam``.
+
+    Hand-written: torchvision's v2.MixUp and timm's Mixup take integer labels and one-hot them,
+    so they cannot mix the teacher's soft targets. Returns (x, soft, hard) with hard as (B, C)
+    probabilities (cross-entropy takes those as they are).
+    """
+    hard = F.one_hot(hard, soft.shape[1]).to(soft.dtype) if hard.ndim == 1 else hard
+    mix = lambda t: t.mul(lam).add_(t.flip(0), alpha=1.0 - lam)  # noqa: E731
+    return mix(x), mix(soft), mix(hard)
 
 
 def disturb_labels(labels: torch.Tensor, num_classes: int, rate: float,

@@ -118,6 +118,8 @@ def build_run(cfg: TrainConfig, data: TrainData, pixels: np.ndarray, ckpt: dict 
     if ckpt is not None:
         run.optimizer.load_state_dict(ckpt["optimizer"])
         run.step, run.epoch, run.best, run.history = ckpt["step"], ckpt["epoch"], ckpt["best"], ckpt["history"]
+        if run.ema is not None:
+            run.ema.module.load_state_dict(ckpt["ema"])
     return run
 
 
@@ -129,7 +131,8 @@ def save_checkpoint(run: Run, path: Path) -> None:
     """
     atomic_save({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "step": run.step,
                  "epoch": run.epoch, "best": run.best, "history": run.history, "classes": run.data.classes,
-                 "config": asdict(run.cfg), "weights": run.weights.to_dict()}, path)
+                 "config": asdict(run.cfg), "weights": run.weights.to_dict(),
+                 **({"ema": run.ema.module.state_dict()} if run.ema is not None else {})}, path)
 
 
 def student_file(run: Run, metrics: dict) -> StudentFile:
@@ -140,19 +143,34 @@ def student_file(run: Run, metrics: dict) -> StudentFile:
                        weights=run.weights.to_dict())
 
 
+def with_ema(run: Run, metrics: dict) -> tuple[torch.nn.Module, dict]:
+    """With --ema, the EMA weights' validation figures join ``metrics`` as ema_*; returns (the
+    weights that agree better with the teacher, their figures): what model.pt would keep."""
+    if run.ema is None:
+        return run.model, metrics
+    averaged = evaluate(run, run.ema.module)
+    metrics.update({f"ema_{k}": v for k, v in averaged.items()})
+    ema_better = is_better(averaged, metrics)
+    metrics["kept"] = "ema" if ema_better else "live"
+    return (run.ema.module, {**metrics, **averaged}) if ema_better else (run.model, metrics)
+
+
 def end_epoch(run: Run, metrics: dict, out: Path) -> None:
     """Record an epoch (every process; rank 0 writes): best model.pt, then last.pt, then the
     metrics line (a crash between the two files repeats the epoch on resume, which rewrites
     metrics.jsonl from last.pt)."""
     run.history.append(metrics)
     run.epoch = metrics["epoch"]
-    better = is_better(metrics, run.best)
+    model, kept = with_ema(run, metrics)
+    better = is_better(kept, run.best)
     if better:
-        run.best = {k: metrics[k] for k in ("epoch", "val_agreement", "val_loss", "val_accuracy")}
+        run.best = {k: kept[k] for k in ("epoch", "val_agreement", "val_loss", "val_accuracy")}
+        if run.ema is not None:
+            run.best["weights"] = kept["kept"]
     if not run.ranks.main:
         return
     if better:
-        save_student(out / MODEL_FILE, run.model, student_file(run, metrics))
+        save_student(out / MODEL_FILE, model, student_file(run, kept))
     save_checkpoint(run, out / CHECKPOINT_FILE)
     with open(out / METRICS_FILE, "a", encoding="utf-8") as f:
         f.write(json.dumps(metrics) + "\n")
@@ -163,7 +181,7 @@ def summarize(run: Run, out: Path, seconds: float) -> dict:
     throughput = [m["images_per_s"] for m in hist]
     return {"out": str(out), "epochs": run.epoch, "best_epoch": best.get("epoch"),
             "val_accuracy": best.get("val_accuracy"), "agreement": best.get("val_agreement"),
-            "val_loss": best.get("val_loss"),
+            "val_loss": best.get("val_loss"), **({"kept": best.get("weights")} if run.ema is not None else {}),
             "images": {"train": int((~data.is_val).sum()), "val": int(data.is_val.sum())},
             **data.counts, "classes": len(data.classes),
             "teachers": [normalise_teacher(t) for t in run.cfg.teachers], "weights": run.weights.source,
