@@ -303,6 +303,19 @@ class Store:
         sql = "SELECT * FROM selections" + (" WHERE " + " AND ".join(where) if where else "")
         return list(self.db.query(sql + " ORDER BY teacher, round, rank", params))
 
+    def selection_counts(self) -> list[dict]:
+        """How the budget was spent, for ``distill cache stats``: one row per teacher (spec), round,
+        strategy, selector and seed, with the images chosen for sending then and how many of them
+        hold an answer now (``answered``: a failure, or a claim killed in flight, is not one, and an
+        image chosen again in a later round counts in both). By teacher, then round."""
+        return list(self.db.query(
+            "SELECT t.spec AS teacher, s.round, s.strategy, s.selector, s.seed, COUNT(*) AS images,"
+            " COALESCE(SUM(r.status = 'ok'), 0) AS answered"
+            " FROM selections s JOIN teachers t ON t.id = s.teacher"
+            " LEFT JOIN responses r ON r.image = s.image AND r.teacher = s.teacher"
+            " GROUP BY s.teacher, s.round, s.strategy, s.selector, s.seed"
+            " ORDER BY s.teacher, s.round, s.strategy"))
+
     # -- summaries ----------------------------------------------------------------------------
 
     def stats(self) -> dict:

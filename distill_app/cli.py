@@ -120,7 +120,8 @@ def train(
     student: str = typer.Option("mobilenetv2", help="Student: mobilenetv2, mobilenetv1 or any timm model name."),
     width: float = typer.Option(1.0, help="MobileNet width multiplier alpha (0.35-1.4)."),
     image_size: int = typer.Option(224, help="Input resolution in pixels (96-224)."),
-    epochs: int = typer.Option(10, min=1),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Default: enough for ~1,500 optimizer steps, "
+                                         "10 to 200 epochs (training.config.auto_epochs)."),
     batch_size: int = typer.Option(64, min=1),
     lr: float = typer.Option(2e-3, help="Peak learning rate (AdamW, cosine schedule)."),
     targets: str = typer.Option("soft", help="soft (teacher probabilities) or hard (its argmax)."),
@@ -186,7 +187,7 @@ def train(
     with progress("train") as update:
         def report(epoch: int, step: int, steps: int, info: dict) -> None:
             if info.get("phase") == "epoch":
-                printers.print_epoch(epoch, cfg.epochs, info)
+                printers.print_epoch(epoch, info["epochs"], info)
             else:
                 update(step, steps)
 
@@ -373,7 +374,7 @@ def loop(
     label_map: Optional[Path] = typer.Option(None, help="As for train."),
     width: float = typer.Option(1.0, help="Student width multiplier alpha."),
     image_size: int = typer.Option(224, help="Student input resolution in pixels."),
-    epochs: int = typer.Option(10, min=1, help="Training epochs per round."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Training epochs per round (default: as train's)."),
     batch_size: int = typer.Option(64, min=2),
     val: Optional[Path] = typer.Option(None, help="Labelled folder to evaluate each round's student on."),
     out: Path = typer.Option(Path("runs/loop"), help="Folder of the rounds (round-1, ...) and the final model.pt."),

@@ -388,3 +388,25 @@ def test_resume_with_ema_and_mixup_repeats_an_uninterrupted_run(dataset):
         for key, value in straight[part].items():
             assert torch.allclose(value.float(), resumed[part][key].float()), (part, key)
     assert straight["history"][2]["ema_val_loss"] == pytest.approx(resumed["history"][2]["ema_val_loss"])
+
+
+def test_epochs_default_from_the_number_of_training_images(dataset):
+    from distill_app.training.config import AUTO_MAX, AUTO_MIN, auto_epochs
+
+    assert auto_epochs(3600, 64) == 27  # 57 steps per epoch: ~1,500 steps
+    assert auto_epochs(900, 64) == 100
+    assert auto_epochs(450, 64) == 188 and auto_epochs(200, 64) == AUTO_MAX and auto_epochs(10**6, 64) == AUTO_MIN
+    # Resolved once the data is known, written to config.json; a resume without --epochs keeps it.
+    for resume, stop in ((False, 1), (True, 2)):
+        with pytest.raises(KeyboardInterrupt):
+            train(config(dataset, epochs=None, batch_size=16, out="auto", resume=resume), progress=_stop_after(stop))
+        assert json.loads((dataset / "auto/config.json").read_text())["epochs"] == auto_epochs(18, 16) == 200
+    assert torch.load(dataset / "auto/last.pt", weights_only=True)["epoch"] == 2
+
+
+def _stop_after(epochs):
+    """A progress callback that interrupts the run once ``epochs`` epochs are recorded."""
+    def stop(epoch, step, steps, info):
+        if info.get("phase") == "epoch" and epoch >= epochs:
+            raise KeyboardInterrupt
+    return stop

@@ -42,7 +42,7 @@ from ..teachers.spec import normalise_teacher
 from . import dsd
 from .checkpoint import (CHECKPOINT_FILE, CONFIG_FILE, CURVES_FILE, METRICS_FILE, MODEL_FILE, StudentFile,
                          atomic_save, save_student)
-from .config import Progress, TrainConfig, check_config, resumed_config
+from .config import AUTO_STEPS, Progress, TrainConfig, auto_epochs, check_config, resumed_config
 from .data import TrainData, prepare_data
 from .distributed import Ranks, join_processes, on_main
 from .loop import Run, check_batches, evaluate, new_run, train_epoch
@@ -243,6 +243,11 @@ def _setup(cfg: TrainConfig, progress: Progress | None) -> tuple[TrainConfig, Pa
     if cfg.resume:
         cfg = resumed_config(cfg, load_checkpoint(out / CHECKPOINT_FILE), out)
     data = prepare_data(cfg, progress)
+    if cfg.epochs is None:
+        cfg = replace(cfg, epochs=auto_epochs(int((~data.is_val).sum()), cfg.batch_size))
+        log.info("--epochs %d: about %d steps over %d training images (config.auto_epochs)", cfg.epochs,
+                 AUTO_STEPS, int((~data.is_val).sum()))
+        check_config(cfg)
     out.mkdir(parents=True, exist_ok=True)
     return cfg, out, data
 
@@ -295,7 +300,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, progress: Progress | None, started: f
         end_epoch(run, metrics, out)
         log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
         if progress:
-            progress(epoch, run.steps_per_epoch, run.steps_per_epoch, {"phase": "epoch", **metrics})
+            progress(epoch, run.steps_per_epoch, run.steps_per_epoch, {"phase": "epoch", "epochs": cfg.epochs, **metrics})
     if ranks.main and run.history:
         from ..deploy.report import plot_curves  # matplotlib: imported only when needed
 
