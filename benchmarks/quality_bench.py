@@ -10,6 +10,8 @@ unanswered as far as training is concerned) and are evaluated on the 1,000 val p
 
 Recipes (product defaults except what is named):
   random      MobileNetV2 x0.5 at 112 px, --pretrained off
+  random-hard, random-logit, random-kl, random-ema, random-mixup: the same with --targets hard,
+              --loss logit-mse, --loss kl, --ema 0.999 or --mixup 0.2
   imagenet    MobileNetV2 x1.0 at 112 px, --init ../shared/weights/mobilenetv2_100_imagenet.pt
   imagenet64  MobileNetV2 x1.0 at 64 px, the same init: about the MACs of x0.5 at 112 px
   imagenet160 MobileNetV2 x1.0 at 160 px, the same init (closer to the 224 px it was trained at)
@@ -27,6 +29,7 @@ import argparse
 import json
 import os
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -47,6 +50,12 @@ TOKEN = "quality-bench-token"
 TEACHER = "hf:local/efficientnet_lite0"
 RECIPES = {
     "random": {"width": 0.5, "image_size": 112, "pretrained": "off"},
+    # The same student with one thing changed: the baselines and the options of the small-data recipe.
+    "random-hard": {"width": 0.5, "image_size": 112, "pretrained": "off", "targets": "hard"},
+    "random-logit": {"width": 0.5, "image_size": 112, "pretrained": "off", "loss": "logit-mse"},
+    "random-kl": {"width": 0.5, "image_size": 112, "pretrained": "off", "loss": "kl"},
+    "random-ema": {"width": 0.5, "image_size": 112, "pretrained": "off", "ema": 0.999},
+    "random-mixup": {"width": 0.5, "image_size": 112, "pretrained": "off", "mixup": 0.2},
     "imagenet": {"width": 1.0, "image_size": 112, "init": INIT},
     "imagenet64": {"width": 1.0, "image_size": 64, "init": INIT},
     "imagenet160": {"width": 1.0, "image_size": 160, "init": INIT},
@@ -60,7 +69,8 @@ def main() -> None:
     ap.add_argument("--budgets", default="500,1000,4000", help="API calls (training photos) per student")
     ap.add_argument("--recipes", default="random,imagenet,imagenet64", help=f"of {', '.join(RECIPES)}")
     ap.add_argument("--seeds", default="0", help="training seeds per (budget, recipe)")
-    ap.add_argument("--epochs", type=int, default=10, help="epochs per run (the product default)")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="epochs per run (default: the product's, from the number of training images)")
     ap.add_argument("--top-k", type=int, default=5)
     ap.add_argument("--label-map", default=str(HERE / "imagenette_labels.toml"))
     ap.add_argument("--plot", default=None, help="write accuracy against calls to this PNG")
@@ -117,8 +127,28 @@ def subset_folder(train_dir: Path, target: Path, budget: int) -> Path:
     return target
 
 
+def budget_store(db: str, train_dir: Path, budget: int, work: Path) -> str:
+    """A copy of the store holding the answers of only the ``budget`` training photos that
+    :func:`subset_folder` picks (and every val answer): what a harvest with ``--max-calls`` of that
+    budget would have left, without paying the teacher again. The other photos under train/ are
+    then unanswered: the semi-supervised runs' unlabeled images."""
+    target = work / f"store-{budget}.db"
+    if target.exists():
+        return str(target)
+    keep = {i.sha256 for i in sorted(scan_images(train_dir).distinct(), key=lambda i: i.sha256)[:budget]}
+    drop = [i.sha256 for i in scan_images(train_dir).distinct() if i.sha256 not in keep]
+    tmp = target.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    with sqlite3.connect(db) as src:
+        src.execute("VACUUM INTO ?", (str(tmp),))
+    with sqlite3.connect(tmp) as copy:
+        copy.executemany("DELETE FROM responses WHERE image = ?", [(s,) for s in drop])
+    tmp.rename(target)
+    return str(target)
+
+
 def train_and_eval(args, db: str, subset: Path, budget: int, recipe: str, seed: int, work: Path) -> dict:
-    out = work / "runs" / f"b{budget}-{recipe}-e{args.epochs}-s{seed}"
+    out = work / "runs" / f"b{budget}-{recipe}-e{args.epochs or 'auto'}-s{seed}"
     cfg = TrainConfig(images=str(subset), db=db, teachers=[TEACHER], label_map=args.label_map,
                       epochs=args.epochs, out=str(out), resume=(out / "last.pt").exists(), seed=seed,
                       **RECIPES[recipe])
@@ -128,7 +158,7 @@ def train_and_eval(args, db: str, subset: Path, budget: int, recipe: str, seed: 
     e = evaluate(str(out), str(Path(args.data) / "val"), db_path=db, latency=False)
     t = e["teacher"]
     history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    row = {"budget": budget, "recipe": recipe, "seed": seed, "epochs": args.epochs, "weights": summary["weights"],
+    row = {"budget": budget, "recipe": recipe, "seed": seed, "epochs": summary["epochs"], "weights": summary["weights"],
            "train_s": round(sum(m["epoch_seconds"] for m in history), 1), "wall_s": round(train_s, 1),
            "accuracy_all": e["accuracy"], "student_accuracy": t["student_accuracy"],
            "teacher_accuracy": t["accuracy"], "compared": t["compared"], "agreement": t["agreement"],

@@ -153,6 +153,8 @@ def train(
                                 "Beta(alpha, alpha) weights (0: off)."),
     ema: float = typer.Option(0.0, min=0.0, max=0.99999, help="Keep an exponential moving average of the weights "
                               "with this decay (e.g. 0.999; 0: off); model.pt keeps it when it agrees better."),
+    unlabeled: str = typer.Option("off", help="auto: also learn from the images under --images with no usable "
+                                  "answer (semi-supervised consistency); off: never."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Train a student on the teacher's stored soft labels.
@@ -168,6 +170,7 @@ def train(
 
     _check_choice("--targets", targets, ("soft", "hard"))
     _check_choice("--loss", loss, ("mse", "logit-mse", "kl"))
+    _check_choice("--unlabeled", unlabeled, ("auto", "off"))
     _check_choice("--pretrained", pretrained, PRETRAINED_MODES)
     cfg = TrainConfig(
         images=str(images), db=db, teachers=list(teacher or ["local"]),
@@ -179,7 +182,7 @@ def train(
         backbone_lr=backbone_lr,
         accum_steps=accum_steps, compile=compile_model, disturb_label=disturb_label,
         dsd=dsd, dsd_sparsity=dsd_sparsity, dsd_phases=_int_list("--dsd-phases", dsd_phases),
-        mixup=mixup, ema=ema,
+        mixup=mixup, ema=ema, unlabeled=unlabeled,
     )
     if not is_main_process():  # under torchrun, rank 0 alone shows progress and prints
         run_train(cfg)

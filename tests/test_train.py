@@ -410,3 +410,58 @@ def _stop_after(epochs):
         if info.get("phase") == "epoch" and epoch >= epochs:
             raise KeyboardInterrupt
     return stop
+
+
+@pytest.fixture
+def part_answered(workspace):
+    """The 24 photos, only 16 of them answered: 8 wait for a call that the budget did not reach."""
+    rows = make_dataset(workspace / "photos")
+    store_answers(workspace / "distill.db", rows[::3] + rows[1::3])
+    return workspace, {sha for sha, *_ in rows[2::3]}
+
+
+def test_unlabeled_images_are_used_only_when_present_and_never_as_labelled(part_answered):
+    root, waiting = part_answered
+    summary = train(config(root, epochs=2, unlabeled="auto", ema=0.9, out="semi"))
+    assert summary["unlabeled_used"] == len(waiting) == 8 and summary["unanswered"] == 8
+    assert summary["images"]["train"] + summary["images"]["val"] == 16  # labelled: the answered ones only
+    lines = [json.loads(line) for line in (root / "semi/metrics.jsonl").read_text().splitlines()]
+    assert all(m["unlabeled"] == 8 and 0 <= m["unlabeled_passed"] <= 1 for m in lines)
+    off = train(config(root, epochs=1, out="sup"))  # the default: off
+    assert off["unlabeled_used"] == 0 and "unlabeled" not in json.loads((root / "sup/metrics.jsonl").read_text())
+
+
+def test_unlabeled_auto_without_unlabeled_images_trains_supervised(dataset):
+    summary = train(config(dataset, epochs=1, unlabeled="auto", out="all-answered"))
+    assert summary["unlabeled_used"] == 0
+    assert "unlabeled" not in json.loads((dataset / "all-answered/metrics.jsonl").read_text())
+
+
+def test_resume_with_unlabeled_images_repeats_an_uninterrupted_run(part_answered):
+    root, _ = part_answered
+    flags = dict(unlabeled="auto", epochs=2)
+    train(config(root, out="straight", **flags))
+    with pytest.raises(KeyboardInterrupt):
+        train(config(root, out="resumed", **flags), progress=_stop_after(1))
+    train(config(root, out="resumed", resume=True, **flags))
+    straight = torch.load(root / "straight/last.pt", weights_only=True)
+    resumed = torch.load(root / "resumed/last.pt", weights_only=True)
+    for key, value in straight["model"].items():
+        assert torch.allclose(value.float(), resumed["model"][key].float()), key
+    assert straight["history"][1]["unlabeled_passed"] == resumed["history"][1]["unlabeled_passed"]
+
+
+def test_pseudo_labels_are_sharpened_and_masked_by_confidence():
+    from distill_app.training import unlabeled as semi
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return torch.tensor([[4.0, 0.0, 0.0], [0.1, 0.0, 0.0]])
+
+    targets, mask = semi.pseudo_targets(Fixed(), torch.zeros(2, 3, 4, 4))
+    assert mask.tolist() == [True, False]  # 0.96 passes, 0.36 does not
+    assert targets[0, 0] > torch.softmax(torch.tensor([4.0, 0, 0]), 0)[0]  # sharper than the prediction
+    logits = torch.randn(2, 3, requires_grad=True)
+    assert semi.consistency_loss(logits, targets, torch.tensor([False, False]), "mse", 1.0).item() == 0.0
+    weak, strong = semi.views(np.zeros((5, 8, 8, 3), np.uint8) + 100, 3, 8, seed=1)
+    assert weak.shape == strong.shape == (3, 8, 8, 3) and strong.dtype == torch.uint8

@@ -76,6 +76,9 @@ class TrainConfig:
     # EMA of the weights (timm ModelEmaV3, with its warm-up), evaluated every epoch beside the live
     # weights; model.pt holds whichever agrees better with the teacher. 0: off.
     ema: float = 0.0
+    # auto: semi-supervised consistency on the images under --images with no usable answer (unlabeled.py),
+    # when there are any; off: never. Off by default until it is measured to help (BENCHMARKS.md).
+    unlabeled: str = "off"
 
 
 # --epochs left out: enough epochs for AUTO_STEPS optimizer steps, within [AUTO_MIN, AUTO_MAX].
@@ -119,6 +122,7 @@ def check_config(cfg: TrainConfig) -> None:
         (not cfg.disturb_label or cfg.hard_weight > 0,
          f"--disturb-label {cfg.disturb_label} disturbs the hard-label term only: give it a weight with --hard-weight"),
         (cfg.mixup >= 0, f"--mixup must be >= 0 (the Beta distribution's alpha), got {cfg.mixup}"),
+        (cfg.unlabeled in ("auto", "off"), f"--unlabeled must be auto or off, got {cfg.unlabeled!r}"),
         (0 <= cfg.ema < 1, f"--ema must be in [0, 1) (the decay; 0 is off), got {cfg.ema}"),
         (0 < cfg.dsd_sparsity < 1, f"--dsd-sparsity must be between 0 and 1, got {cfg.dsd_sparsity}"),
         (cfg.dsd_phases is None or cfg.epochs is None or (cfg.dsd and len(cfg.dsd_phases) == 3

@@ -35,6 +35,9 @@ class TrainData:
     classes: list[str]  # target columns (with "other" when asked)
     label_map: LabelMap | None  # the user's map, None for the teacher's own vocabulary
     counts: dict = field(default_factory=dict)  # skipped, unanswered, unmapped, labelled
+    # Images under --images with no usable answer (unanswered, or mapped to no class), by hash:
+    # what --unlabeled auto trains on, never as labelled.
+    unlabeled: list[tuple[str, str]] = field(default_factory=list)  # (sha256, path)
 
 
 def scan_images(root: str, progress: Progress | None) -> tuple[dict[str, tuple[str, str | None]], int]:
@@ -163,5 +166,8 @@ def match_answers(cfg: TrainConfig, found: dict[str, tuple[str, str | None]], sk
     labelled = int((folder_classes(folder, columns) >= 0).sum())
     counts = {"skipped": skipped, "unanswered": len(found) - len(answered),
               "unmapped": len(answered) - len(shas), "labelled": labelled}
+    usable = set(shas)
+    unlabeled = [(s, found[s][0]) for s in sorted(found) if s not in usable]
     return TrainData(shas, [found[s][0] for s in shas], soft, hard_labels(soft, columns, folder),
-                     teacher_argmax(soft), split_val(shas, cfg.val_fraction), columns, user_map, counts)
+                     teacher_argmax(soft), split_val(shas, cfg.val_fraction), columns, user_map, counts,
+                     unlabeled)

@@ -22,6 +22,7 @@ from ..errors import DistillError, one_line
 from .config import Progress, TrainConfig
 from .data import TrainData
 from .distributed import Ranks, all_sum
+from . import unlabeled as semi
 from .losses import distill_loss, disturb_labels, mixup
 from .schedule import MicroBatch, epoch_batches, epoch_plan, get_lr
 
@@ -56,6 +57,8 @@ class Run:
     after_step: Callable[[torch.nn.Module], None] | None = None
     weights: Weights = RANDOM  # where the initial weights came from (recorded in model.pt and last.pt)
     ema: torch.nn.Module | None = None  # timm ModelEmaV3 of model (--ema); its .module is the averaged student
+    unlabeled: np.ndarray | None = None  # (U, S, S, 3) uint8 pixels of the images without an answer (--unlabeled)
+    unlabeled_counts: torch.Tensor | None = None  # this epoch's (seen, passed the mask), on the device
 
     @property
     def device(self) -> torch.device:
@@ -177,10 +180,21 @@ def micro_step(run: Run, micro: MicroBatch, x: torch.Tensor, idx: torch.Tensor) 
     targets = None
     if run.cfg.mixup:
         x, targets = run.mixed(x, idx, seed)
+    strong = None
+    if run.unlabeled is not None:
+        weak, strong = (run.input(v.to(run.device, non_blocking=True))
+                        for v in semi.views(run.unlabeled, len(idx), run.cfg.image_size, (seed + 1) % 2**63))
+        with run.autocast():
+            pseudo, mask = semi.pseudo_targets(run.ema.module if run.ema is not None else run.model, weak)
+        run.unlabeled_counts += torch.stack([torch.tensor(len(mask), device=mask.device), mask.sum()])
     with run.ddp.no_sync() if run.ddp is not None and not micro.last else nullcontext():
         with run.autocast():
-            logits = run.net(x)
+            logits = run.net(x if strong is None else torch.cat([x, strong]))
+        if strong is not None:
+            logits, logits_u = logits[:len(idx)], logits[len(idx):]
         loss = run.loss(logits, idx, seed=None if targets else seed, targets=targets)
+        if strong is not None:
+            loss = loss + semi.consistency_loss(logits_u, pseudo, mask, run.cfg.loss, run.cfg.temperature)
         (loss * micro.weight).backward()
     return loss
 
@@ -215,6 +229,7 @@ def train_epoch(run: Run, epoch: int, progress: Progress | None) -> dict:
     run.model.train()
     loss_sum = torch.zeros((), device=run.device)  # summed on the device: no sync per step
     seen, lr, done, started = 0, cfg.lr, 0, time.perf_counter()
+    run.unlabeled_counts = torch.zeros(2, dtype=torch.int64, device=run.device)
     steps = len(plan) // cfg.accum_steps
     for micro, (x, idx) in zip(plan, loader):
         lr = get_lr(run.step, total_steps, warmup, cfg.lr)
@@ -239,9 +254,12 @@ def train_epoch(run: Run, epoch: int, progress: Progress | None) -> dict:
                 info["loss"] = loss.item()  # CPU-GPU sync point, hence only every LOG_EVERY steps
             progress(epoch, done, steps, info)
     seconds = time.perf_counter() - started
-    loss_total, images = all_sum(run.ranks, [loss_sum.item(), seen])
-    return {"train_loss": loss_total / max(images, 1), "lr": lr,
-            "images_per_s": images / max(seconds, 1e-9), "train_seconds": seconds}
+    loss_total, images, u_seen, u_passed = all_sum(run.ranks, [loss_sum.item(), seen, *run.unlabeled_counts.tolist()])
+    metrics = {"train_loss": loss_total / max(images, 1), "lr": lr,
+               "images_per_s": images / max(seconds, 1e-9), "train_seconds": seconds}
+    if run.unlabeled is not None:  # how many unlabeled images there are, and the share that taught
+        metrics.update(unlabeled=len(run.unlabeled), unlabeled_passed=u_passed / max(u_seen, 1))
+    return metrics
 
 
 @torch.no_grad()

@@ -185,6 +185,8 @@ def summarize(run: Run, out: Path, seconds: float) -> dict:
             "images": {"train": int((~data.is_val).sum()), "val": int(data.is_val.sum())},
             **data.counts, "classes": len(data.classes),
             "teachers": [normalise_teacher(t) for t in run.cfg.teachers], "weights": run.weights.source,
+            "unlabeled_used": 0 if run.unlabeled is None else len(run.unlabeled),
+            **({"unlabeled_passed": hist[-1].get("unlabeled_passed")} if run.unlabeled is not None and hist else {}),
             "seconds": round(seconds, 2), "images_per_s": round(float(np.mean(throughput)), 1) if throughput else None}
 
 
@@ -284,6 +286,9 @@ def _train(cfg: TrainConfig, ranks: Ranks, progress: Progress | None, started: f
     ckpt = load_checkpoint(out / CHECKPOINT_FILE) if cfg.resume else None  # every rank: the same weights
     pixels = _pixels(data, cfg.image_size, ranks, progress)
     run = build_run(cfg, data, pixels, ckpt, ranks)
+    if cfg.unlabeled == "auto" and data.unlabeled:
+        shas, paths = map(list, zip(*data.unlabeled))
+        run.unlabeled = _pixels(replace(data, shas=shas, paths=paths), cfg.image_size, ranks, progress)
     if ranks.main:
         (out / CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
         # From last.pt on resume: drops any line an interrupted epoch wrote after its checkpoint.
