@@ -465,3 +465,12 @@ def test_pseudo_labels_are_sharpened_and_masked_by_confidence():
     assert semi.consistency_loss(logits, targets, torch.tensor([False, False]), "mse", 1.0).item() == 0.0
     weak, strong = semi.views(np.zeros((5, 8, 8, 3), np.uint8) + 100, 3, 8, seed=1)
     assert weak.shape == strong.shape == (3, 8, 8, 3) and strong.dtype == torch.uint8
+
+
+def test_the_consistency_weight_ramps_up_over_the_first_part_of_the_run():
+    from distill_app.training import unlabeled as semi
+
+    total = 100
+    assert semi.ramp(0, total) == 0.0
+    assert semi.ramp(int(semi.RAMP * total) // 2, total) == pytest.approx(semi.WEIGHT / 2)
+    assert semi.ramp(total, total) == semi.WEIGHT

@@ -194,7 +194,8 @@ def micro_step(run: Run, micro: MicroBatch, x: torch.Tensor, idx: torch.Tensor) 
             logits, logits_u = logits[:len(idx)], logits[len(idx):]
         loss = run.loss(logits, idx, seed=None if targets else seed, targets=targets)
         if strong is not None:
-            loss = loss + semi.consistency_loss(logits_u, pseudo, mask, run.cfg.loss, run.cfg.temperature)
+            weight = semi.ramp(run.step, run.cfg.epochs * run.steps_per_epoch)
+            loss = loss + semi.consistency_loss(logits_u, pseudo, mask, run.cfg.loss, run.cfg.temperature, weight)
         (loss * micro.weight).backward()
     return loss
 
