@@ -135,8 +135,8 @@ def budget_store(db: str, train_dir: Path, budget: int, work: Path) -> str:
     target = work / f"store-{budget}.db"
     if target.exists():
         return str(target)
-    keep = {i.sha256 for i in sorted(scan_images(train_dir).distinct(), key=lambda i: i.sha256)[:budget]}
-    drop = [i.sha256 for i in scan_images(train_dir).distinct() if i.sha256 not in keep]
+    shas = sorted(i.sha256 for i in scan_images(train_dir).distinct())
+    drop = shas[budget:]  # subset_folder keeps the first ``budget`` in hash order
     tmp = target.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
     with sqlite3.connect(db) as src:

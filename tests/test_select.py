@@ -7,7 +7,6 @@ import json
 import math
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from distill_app.cli import app
 from distill_app.harvest.engine import HarvestConfig, harvest
 from distill_app.harvest.select import select
 from distill_app.teachers.serve import endpoints, server_url
+from test_harvest_crash import ok_rows  # the read-only count of a store still being written
 
 FOLDERS = ("cat", "coffee", "rocket", "motorbike")
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit: deprecated, supported
@@ -47,19 +47,6 @@ def answered_shas(db) -> set[str]:
         return store.answered(store.teachers()[0]["id"])
     finally:
         store.close()
-
-
-def ok_rows(db: str) -> int:
-    """Answers stored so far, read-only: the store of a harvest still running is not opened (that
-    would migrate it) and may not exist yet."""
-    try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-        try:
-            return conn.execute("SELECT COUNT(*) FROM responses WHERE status = 'ok'").fetchone()[0]
-        finally:
-            conn.close()
-    except sqlite3.OperationalError:  # not created or not migrated yet
-        return 0
 
 
 def answered_folders(db) -> Counter:

@@ -76,14 +76,19 @@ class Run:
         """(B, S, S, 3) uint8 -> the student's normalised float input."""
         return to_input(x, mean=self.student.mean, std=self.student.std)
 
+    def hard_labels(self, idx: torch.Tensor, seed: int | None) -> torch.Tensor:
+        """The images' hard labels; with a ``seed`` (training steps), --disturb-label redraws some."""
+        hard = self.hard[idx]
+        if seed is not None and self.cfg.disturb_label:
+            hard = disturb_labels(hard, self.targets.shape[1], self.cfg.disturb_label, torch.Generator().manual_seed(seed))
+        return hard
+
     def loss(self, logits: torch.Tensor, idx: torch.Tensor, seed: int | None = None,
              targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The batch's loss; with a ``seed`` (training steps), --disturb-label redraws hard labels.
         ``targets``: (soft, hard) to use instead of the images' own (mixup's mixed ones)."""
         c = self.cfg
-        soft, hard = targets if targets is not None else (self.targets[idx], self.hard[idx])
-        if seed is not None and c.disturb_label:
-            hard = disturb_labels(hard, logits.shape[1], c.disturb_label, torch.Generator().manual_seed(seed))
+        soft, hard = targets if targets is not None else (self.targets[idx], self.hard_labels(idx, seed))
         return distill_loss(logits, soft, hard, c.loss, c.temperature, c.hard_weight)
 
     def mixed(self, x: torch.Tensor, idx: torch.Tensor, seed: int):
@@ -91,10 +96,7 @@ class Run:
         Beta(alpha, alpha) seeded per micro-batch (resume repeats it); --disturb-label first
         redraws the hard labels, as it would unmixed."""
         lam = float(np.random.default_rng(seed).beta(self.cfg.mixup, self.cfg.mixup))
-        hard = self.hard[idx]
-        if self.cfg.disturb_label:
-            hard = disturb_labels(hard, self.targets.shape[1], self.cfg.disturb_label, torch.Generator().manual_seed(seed))
-        x, soft, hard = mixup(x, self.targets[idx], hard, lam)
+        x, soft, hard = mixup(x, self.targets[idx], self.hard_labels(idx, seed), lam)
         return x, (soft, hard)
 
     def autocast(self):
