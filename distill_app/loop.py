@@ -6,12 +6,16 @@ local EfficientNet-Lite0) when ``select`` is diversity or hybrid, else a random 
 
 Nothing is paid twice: a round's calls are what its target lacks, counted from the store on every
 run, so a killed loop rerun with the same command sends only what is still missing; a round whose
-training finished is not trained again (its ``last.pt`` is resumed, which runs no epoch).
+training finished is not trained again (its ``last.pt`` is resumed, which runs no epoch), and a
+round that finished altogether (its ``round.json`` written) is read back, not run: its row keeps
+the images it was trained on, with ``sent`` 0 (what this invocation paid).
 Like ``demo``, this strings commands together; it holds no harvest or training logic of its own.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,6 +24,7 @@ from typing import Callable
 from .errors import DistillError
 
 MODEL_BASED = ("uncertainty", "diversity", "hybrid")
+ROUND_FILE = "round.json"  # in out/round-<r>: the finished round's row
 
 
 @dataclass
@@ -57,6 +62,13 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] = print) -> dict:
                          top_k=cfg.top_k, seed=cfg.seed)
     rounds, selector = [], None
     for r, target in enumerate(round_targets(cfg.budget, cfg.rounds), 1):
+        run = out / f"round-{r}"
+        if (run / ROUND_FILE).exists():
+            row = {**json.loads((run / ROUND_FILE).read_text(encoding="utf-8")), "sent": 0}
+            log(_line(row))
+            rounds.append(row)
+            selector = str(run)
+            continue
         have = harvest(replace(base, dry_run=True))["already_cached"]
         strategy = cfg.select if selector else ("diversity" if cfg.select in ("diversity", "hybrid") else "random")
         sent = answered = 0
@@ -64,7 +76,6 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] = print) -> dict:
             h = harvest(replace(base, max_calls=target - have, select=strategy,
                                 selector=selector if strategy in MODEL_BASED and selector else None))
             sent, answered = h["sent"], h["succeeded"]
-        run = out / f"round-{r}"
         t = train(TrainConfig(images=cfg.images, db=cfg.db, teachers=[cfg.teacher], out=str(run),
                               resume=(run / "last.pt").exists(), seed=cfg.seed, **cfg.train))
         row = {"round": r, "strategy": strategy, "answered": have + answered,
@@ -72,11 +83,19 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] = print) -> dict:
         if cfg.val:
             e = evaluate(str(run), cfg.val, db_path=cfg.db, teacher_spec=cfg.teacher, latency=False)
             row.update(eval_accuracy=e["accuracy"], eval_agreement=e["teacher"]["agreement"])
+        _write_row(run / ROUND_FILE, row)
         log(_line(row))
         rounds.append(row)
         selector = str(run)
     shutil.copy2(out / f"round-{cfg.rounds}" / "model.pt", out / "model.pt")  # the final student: --student OUT
     return {"out": str(out), "rounds": rounds}
+
+
+def _write_row(path: Path, row: dict) -> None:
+    """Atomically: a loop killed while writing it reruns the round's (finished) steps, no more."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _line(row: dict) -> str:

@@ -4,6 +4,7 @@ in rounds, and a rerun (or a loop killed mid-round) paying for nothing twice."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -50,7 +51,11 @@ def test_loop_spends_the_budget_in_rounds_and_a_rerun_pays_nothing(tmp_path, mon
     assert sorted({(r["round"], r["strategy"]) for r in chosen}) == [(1, "random"), (2, "uncertainty")]
     again = CliRunner().invoke(app, [*LOOP, "--images", "photos"])
     assert again.exit_code == 0, again.output
-    assert [r["sent"] for r in json.loads(again.stdout.strip().splitlines()[-1])["rounds"]] == [0, 0]
+    rerun = json.loads(again.stdout.strip().splitlines()[-1])["rounds"]
+    assert [r["sent"] for r in rerun] == [0, 0]
+    # Finished rounds are read back: each row still says what that round trained on.
+    assert [r["answered"] for r in rerun] == [3, 6]
+    assert [r["val_accuracy"] for r in rerun] == [r["val_accuracy"] for r in rounds]
     assert calls("distill.db") == 6
 
 
@@ -72,8 +77,11 @@ def test_a_loop_killed_in_round_2_resumes_without_paying_twice(tmp_path, monkeyp
     killed = CliRunner().invoke(app, [*LOOP, "--images", "photos"])
     assert killed.exit_code != 0 and trained[-1].endswith("round-2")
     assert calls("distill.db") == 6
-    monkeypatch.setattr(trainer, "train", real_train)
+    trained.clear()
+    monkeypatch.setattr(trainer, "train", lambda cfg, progress=None: trained.append(cfg.out) or real_train(cfg, progress))
     result = CliRunner().invoke(app, [*LOOP, "--images", "photos"])
     assert result.exit_code == 0, result.output
-    assert [r["sent"] for r in json.loads(result.stdout.strip().splitlines()[-1])["rounds"]] == [0, 0]
+    rounds = json.loads(result.stdout.strip().splitlines()[-1])["rounds"]
+    assert [r["sent"] for r in rounds] == [0, 0] and [r["answered"] for r in rounds] == [3, 6]
+    assert [Path(t).name for t in trained] == ["round-2"]  # round 1 was read back, not trained (or resumed) again
     assert calls("distill.db") == 6
