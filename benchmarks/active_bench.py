@@ -105,6 +105,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--seeds", default="0,1,2", help="loop seeds (selection order and training)")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=None, help="epochs per round (default: the product's)")
+    ap.add_argument("--warm-start", action="store_true", help="distill loop --warm-start: later rounds "
+                    "start from the previous round's student")
     ap.add_argument("--train-json", default="{}", help="more TrainConfig fields, e.g. '{\"lr\": 0.004}'")
     ap.add_argument("--top-k", type=int, default=5)
     ap.add_argument("--label-map", default=str(qb.HERE / "imagenette_labels.toml"))
@@ -147,7 +149,8 @@ def run_all(args, setting: Path, train_cfg: dict) -> list[dict]:
                 result.parent.mkdir(exist_ok=True)
                 loop = LoopConfig(images=str(pool), teacher=qb.TEACHER, budget=budget, rounds=args.rounds,
                                   select=strategy, out=str(result.parent / "loop"), db=str(result.parent / "distill.db"),
-                                  endpoint=endpoint, top_k=args.top_k, seed=seed, train=dict(train_cfg))
+                                  endpoint=endpoint, top_k=args.top_k, seed=seed, warm_start=args.warm_start,
+                                  train=dict(train_cfg))
                 row = run_one(loop, str(val), val_db)
                 tmp = result.with_suffix(".tmp")
                 tmp.write_text(json.dumps(row))
@@ -184,10 +187,12 @@ def limited(folder: Path, subset: Path, limit: int | None) -> Path:
 
 def setting_name(args, train_cfg: dict) -> str:
     """One folder per setting (rounds, pool, training fields): runs of other settings never mix."""
-    key = json.dumps({"rounds": args.rounds, "top_k": args.top_k, "pool": args.pool_limit, "train": train_cfg},
-                     sort_keys=True)
+    key = {"rounds": args.rounds, "top_k": args.top_k, "pool": args.pool_limit, "train": train_cfg}
+    if args.warm_start:
+        key["warm_start"] = True  # only when set: the folders of earlier (cold) settings keep their names
+    key = json.dumps(key, sort_keys=True)
     epochs = train_cfg.get("epochs", "auto")
-    return (f"r{args.rounds}-e{epochs}-pool{args.pool_limit or 'all'}-"
+    return (f"{'warm-' if args.warm_start else ''}r{args.rounds}-e{epochs}-pool{args.pool_limit or 'all'}-"
             f"{hashlib.sha256(key.encode()).hexdigest()[:8]}")
 
 
@@ -219,8 +224,7 @@ def run_one(loop: LoopConfig, val: str, val_db: str) -> dict:
     name = Path(loop.out).parent.name
     summary = run_loop(loop, log=lambda line: print(f"  {name}: {line}", file=sys.stderr, flush=True))
     curve = []
-    # Calls by each round: its target, not the loop's "answered", which for a round done before a
-    # resume is the store's count now (what later rounds bought too). paid_calls checks the total.
+    # Calls by each round: its target (a healthy local server fails none; paid_calls checks the total).
     for r, calls in zip(summary["rounds"], round_targets(loop.budget, loop.rounds)):
         e = evaluate(r["out"], val, db_path=val_db, latency=False)
         t = e["teacher"]

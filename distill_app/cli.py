@@ -381,6 +381,8 @@ def loop(
     batch_size: int = typer.Option(64, min=2),
     val: Optional[Path] = typer.Option(None, help="Labelled folder to evaluate each round's student on."),
     out: Path = typer.Option(Path("runs/loop"), help="Folder of the rounds (round-1, ...) and the final model.pt."),
+    warm_start: bool = typer.Option(False, "--warm-start", help="Rounds after the first start from the previous "
+                                    "round's student instead of from scratch."),
     seed: int = typer.Option(0, min=0),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
@@ -395,7 +397,8 @@ def loop(
     train_flags = {"width": width, "image_size": image_size, "epochs": epochs, "batch_size": batch_size,
                    "label_map": str(label_map) if label_map else None}
     cfg = LoopConfig(images=str(images), teacher=teacher, budget=budget, rounds=rounds, select=select, out=str(out),
-                     db=db, endpoint=endpoint, top_k=top_k, val=str(val) if val else None, seed=seed, train=train_flags)
+                     db=db, endpoint=endpoint, top_k=top_k, val=str(val) if val else None, seed=seed, warm_start=warm_start,
+                     train=train_flags)
     result = run_loop(cfg, log=lambda line: err.print(line, markup=False))
     if json_out:
         emit_json(result)

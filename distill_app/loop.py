@@ -2,7 +2,8 @@
 brings the answered images up to ``budget * round / rounds`` (harvest, ordered by ``select`` with
 the previous round's student as the selector), then trains a student on all answers so far into
 ``out/round-<r>``. Round 1 has no student yet: it takes a diverse sample (``diversity`` on the
-local EfficientNet-Lite0) when ``select`` is diversity or hybrid, else a random one.
+local EfficientNet-Lite0) when ``select`` is diversity or hybrid, else a random one. With
+``warm_start`` each later round starts from the previous round's student.
 
 Nothing is paid twice: a round's calls are what its target lacks, counted from the store on every
 run, so a killed loop rerun with the same command sends only what is still missing; a round whose
@@ -40,6 +41,9 @@ class LoopConfig:
     top_k: int | None = None
     val: str | None = None  # a labelled folder to evaluate each round's student on
     seed: int = 0
+    # Rounds after the first start from the previous round's model.pt (every layer at --lr: the whole
+    # network is the loop's own) instead of from the init the train flags give round 1.
+    warm_start: bool = False
     train: dict = field(default_factory=dict)  # TrainConfig fields: width, image_size, epochs, label_map, ...
 
 
@@ -76,8 +80,11 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] = print) -> dict:
             h = harvest(replace(base, max_calls=target - have, select=strategy,
                                 selector=selector if strategy in MODEL_BASED and selector else None))
             sent, answered = h["sent"], h["succeeded"]
+        flags = dict(cfg.train)
+        if cfg.warm_start and selector:
+            flags.update(init=str(Path(selector) / "model.pt"), backbone_lr=1.0, pretrained="off")
         t = train(TrainConfig(images=cfg.images, db=cfg.db, teachers=[cfg.teacher], out=str(run),
-                              resume=(run / "last.pt").exists(), seed=cfg.seed, **cfg.train))
+                              resume=(run / "last.pt").exists(), seed=cfg.seed, **flags))
         row = {"round": r, "strategy": strategy, "answered": have + answered,
                "sent": sent, "out": str(run), "val_accuracy": t["val_accuracy"], "agreement": t["agreement"]}
         if cfg.val:

@@ -85,3 +85,18 @@ def test_a_loop_killed_in_round_2_resumes_without_paying_twice(tmp_path, monkeyp
     assert [r["sent"] for r in rounds] == [0, 0] and [r["answered"] for r in rounds] == [3, 6]
     assert [Path(t).name for t in trained] == ["round-2"]  # round 1 was read back, not trained (or resumed) again
     assert calls("distill.db") == 6
+
+
+def test_warm_start_trains_each_later_round_from_the_previous_student(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_photos(tmp_path / "photos", per_class=5)
+    result = CliRunner().invoke(app, [*LOOP, "--images", "photos", "--warm-start"])
+    assert result.exit_code == 0, result.output
+    first = json.loads((tmp_path / "runs/loop/round-1/config.json").read_text())
+    second = json.loads((tmp_path / "runs/loop/round-2/config.json").read_text())
+    assert first["init"] is None
+    assert second["init"] == str(Path("runs/loop/round-1/model.pt")) and second["backbone_lr"] == 1.0
+    import torch
+
+    ckpt = torch.load(tmp_path / "runs/loop/round-2/model.pt", map_location="cpu", weights_only=False)
+    assert ckpt["weights"]["source"] == f"init:{second['init']}"
