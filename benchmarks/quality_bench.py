@@ -12,6 +12,8 @@ Recipes (product defaults except what is named):
   random      MobileNetV2 x0.5 at 112 px, --pretrained off
   random-hard, random-logit, random-kl, random-ema, random-mixup: the same with --targets hard,
               --loss logit-mse, --loss kl, --ema 0.999 or --mixup 0.2
+  random-semi the same with --unlabeled auto, trained on all 4,000 training photos from a store that
+              holds the answers of only the budget's (budget_store): the rest are its unlabeled images
   imagenet    MobileNetV2 x1.0 at 112 px, --init ../shared/weights/mobilenetv2_100_imagenet.pt
   imagenet64  MobileNetV2 x1.0 at 64 px, the same init: about the MACs of x0.5 at 112 px
   imagenet160 MobileNetV2 x1.0 at 160 px, the same init (closer to the 224 px it was trained at)
@@ -56,6 +58,7 @@ RECIPES = {
     "random-kl": {"width": 0.5, "image_size": 112, "pretrained": "off", "loss": "kl"},
     "random-ema": {"width": 0.5, "image_size": 112, "pretrained": "off", "ema": 0.999},
     "random-mixup": {"width": 0.5, "image_size": 112, "pretrained": "off", "mixup": 0.2},
+    "random-semi": {"width": 0.5, "image_size": 112, "pretrained": "off", "unlabeled": "auto"},
     "imagenet": {"width": 1.0, "image_size": 112, "init": INIT},
     "imagenet64": {"width": 1.0, "image_size": 64, "init": INIT},
     "imagenet160": {"width": 1.0, "image_size": 160, "init": INIT},
@@ -149,6 +152,8 @@ def budget_store(db: str, train_dir: Path, budget: int, work: Path) -> str:
 
 def train_and_eval(args, db: str, subset: Path, budget: int, recipe: str, seed: int, work: Path) -> dict:
     out = work / "runs" / f"b{budget}-{recipe}-e{args.epochs or 'auto'}-s{seed}"
+    if RECIPES[recipe].get("unlabeled") == "auto":  # the same labelled photos, the others unanswered beside them
+        subset, db = Path(args.data) / "train", budget_store(db, Path(args.data) / "train", budget, work)
     cfg = TrainConfig(images=str(subset), db=db, teachers=[TEACHER], label_map=args.label_map,
                       epochs=args.epochs, out=str(out), resume=(out / "last.pt").exists(), seed=seed,
                       **RECIPES[recipe])
