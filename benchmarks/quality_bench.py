@@ -12,6 +12,7 @@ Recipes (product defaults except what is named):
   random      MobileNetV2 x0.5 at 112 px, --pretrained off
   random-hard, random-logit, random-kl, random-ema, random-mixup: the same with --targets hard,
               --loss logit-mse, --loss kl, --ema 0.999 or --mixup 0.2
+  random-rrc  the same with --crop-scale 0.35 (random-resized crop)
   random-semi the same with --unlabeled auto, trained on all 4,000 training photos from a store that
               holds the answers of only the budget's (budget_store): the rest are its unlabeled images
   imagenet    MobileNetV2 x1.0 at 112 px, --init ../shared/weights/mobilenetv2_100_imagenet.pt
@@ -58,6 +59,7 @@ RECIPES = {
     "random-kl": {"width": 0.5, "image_size": 112, "pretrained": "off", "loss": "kl"},
     "random-ema": {"width": 0.5, "image_size": 112, "pretrained": "off", "ema": 0.999},
     "random-mixup": {"width": 0.5, "image_size": 112, "pretrained": "off", "mixup": 0.2},
+    "random-rrc": {"width": 0.5, "image_size": 112, "pretrained": "off", "crop_scale": 0.35},
     "random-semi": {"width": 0.5, "image_size": 112, "pretrained": "off", "unlabeled": "auto"},
     "imagenet": {"width": 1.0, "image_size": 112, "init": INIT},
     "imagenet64": {"width": 1.0, "image_size": 64, "init": INIT},

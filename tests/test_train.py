@@ -18,9 +18,9 @@ from distill_app.training.checkpoint import open_student
 from distill_app.training.distributed import Ranks
 from distill_app.errors import DistillError
 from distill_app.data.images import sha256_bytes
-from distill_app.data.pixels import augment, crop_flip, crop_padding, to_input
+from distill_app.data.pixels import augment, crop_flip, crop_padding, resized_crop_params, to_input
 from distill_app.teachers.spec import parse_teacher
-from distill_app.training.config import TrainConfig
+from distill_app.training.config import TrainConfig, check_config
 from distill_app.training.data import split_val
 from distill_app.training.schedule import epoch_batches, epoch_plan, get_lr
 from distill_app.training.trainer import train
@@ -251,6 +251,33 @@ def test_crop_flip_is_a_reflect_padded_crop_and_a_mirror():
         np.testing.assert_array_equal(out[i].numpy(), want[:, ::-1] if flip[i] else want)
 
 
+def test_resized_crop_is_a_window_resized_to_the_side_and_a_mirror():
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(0, 256, (64, 20, 20, 3), dtype=np.uint8))
+    offsets, flip, window = resized_crop_params(64, 20, torch.Generator().manual_seed(1), scale=0.3)
+    h, w = window
+    assert bool((offsets >= 0).all() and (offsets + window <= 20).all()), "every window lies inside its image"
+    share = (h * w).float() / 400
+    assert share.min() >= 0.3 - 0.1 and share.max() <= 1 and share.min() < 0.6, "areas spread over [scale, 1]"
+    assert flip.any() and not flip.all()
+    out = crop_flip(x, offsets, flip, window)
+    pick = np.arange(20)
+    for i in range(64):
+        top, left = int(offsets[0, i]), int(offsets[1, i])
+        crop = x[i, top:top + int(h[i]), left:left + int(w[i])].numpy()
+        want = crop[pick * int(h[i]) // 20][:, pick * int(w[i]) // 20]
+        np.testing.assert_array_equal(out[i].numpy(), want[:, ::-1] if flip[i] else want)
+    # The whole image as its own window is the image.
+    full = torch.full((2, 64), 20)
+    assert torch.equal(crop_flip(x, torch.zeros(2, 64, dtype=torch.long), torch.zeros(64, dtype=torch.bool), full), x)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.5])
+def test_a_crop_scale_outside_0_1_is_a_one_line_error(scale):
+    with pytest.raises(DistillError, match=r"^--crop-scale must be in \(0, 1\].*got " + str(scale) + "$"):
+        check_config(TrainConfig(images="-", crop_scale=scale))
+
+
 def test_to_input_normalises_with_the_student_mean_and_std():
     x = torch.tensor([[[[0, 128, 255]]]], dtype=torch.uint8)
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
@@ -369,7 +396,7 @@ def test_ema_run_picks_the_ema_weights_when_they_are_better(dataset, monkeypatch
 
 
 def test_resume_with_ema_and_mixup_repeats_an_uninterrupted_run(dataset):
-    flags = dict(ema=0.9, mixup=0.4, hard_weight=0.3, disturb_label=0.1, epochs=3)
+    flags = dict(ema=0.9, mixup=0.4, hard_weight=0.3, disturb_label=0.1, crop_scale=0.4, epochs=3)
     train(config(dataset, out="straight", **flags))
 
     class Interrupt(Exception):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -108,14 +109,31 @@ def augment_params(n: int, size: int, generator: torch.Generator) -> tuple[torch
     return offsets, torch.rand(n, generator=generator) < 0.5
 
 
+def resized_crop_params(n: int, size: int, generator: torch.Generator, scale: float,
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[torch.Tensor, ...]:
+    """Random-resized-crop windows, as torchvision's RandomResizedCrop draws them (area a fraction
+    U(scale, 1) of the image, aspect ratio log-uniform in ``ratio``, placed at random), but one per
+    image of a batch, from ``generator``: (top-left offsets (2, n), flips (n,), window sizes (2, n)),
+    all int64 / bool, for :func:`crop_flip`."""
+    area = (scale + (1 - scale) * torch.rand(n, generator=generator)) * size * size
+    log_ratio = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).exp()
+    h = (area / log_ratio).sqrt().round().clamp(1, size).long()
+    w = (area * log_ratio).sqrt().round().clamp(1, size).long()
+    window = torch.stack([h, w])
+    offsets = (torch.rand(2, n, generator=generator) * (size - window + 1)).long()
+    return offsets, torch.rand(n, generator=generator) < 0.5, window
+
+
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random crop (reflect-padded) and horizontal flip of a (B, S, S, 3) uint8 batch."""
     return crop_flip(x, *augment_params(x.shape[0], x.shape[1], generator))
 
 
-def crop_flip(x: torch.Tensor, offsets: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+def crop_flip(x: torch.Tensor, offsets: torch.Tensor, flip: torch.Tensor,
+              window: torch.Tensor | None = None) -> torch.Tensor:
     """(B, S, S, 3) shifted by ``offsets`` (2, B) with reflection at the borders, and mirrored
-    where ``flip`` (B,) is set.
+    where ``flip`` (B,) is set. With ``window`` (2, B) (heights, widths): the window of that size
+    at ``offsets`` resized to S x S, nearest pixel (a random-resized crop, :func:`resized_crop_params`).
 
     One ``index_select`` of whole pixels: the crop window and the flip become a table of source
     pixels, and reflection is index arithmetic, so nothing is padded or looped over. (Indexing
@@ -123,7 +141,11 @@ def crop_flip(x: torch.Tensor, offsets: torch.Tensor, flip: torch.Tensor) -> tor
     """
     b, s = x.shape[0], x.shape[1]
     base = torch.arange(s)[None, :]
-    rows, cols = _reflect(base + offsets[0][:, None], s), _reflect(base + offsets[1][:, None], s)
+    if window is None:
+        rows, cols = _reflect(base + offsets[0][:, None], s), _reflect(base + offsets[1][:, None], s)
+    else:  # nearest-pixel resize as index arithmetic too: output pixel i reads window pixel i * h // S
+        rows = offsets[0][:, None] + base * window[0][:, None] // s
+        cols = offsets[1][:, None] + base * window[1][:, None] // s
     cols = torch.where(flip[:, None], cols.flip(1), cols)
     source = (torch.arange(b)[:, None, None] * s + rows[:, :, None]) * s + cols[:, None, :]
     pixels = x.reshape(b * s * s, -1)  # a view for the contiguous batches the loader makes
@@ -159,7 +181,7 @@ def to_input(x: torch.Tensor, mean=STUDENT_MEAN, std=STUDENT_STD) -> torch.Tenso
 
 class PixelBatches(torch.utils.data.Dataset):
     """Item i: micro-batch i as (input, (n,) int64 image rows): ``items[i]`` is (rows (n,) int64,
-    crop offsets (2, n), flips (n,)). ``normalise``: the float input of :func:`to_input` with the
+    crop offsets (2, n), flips (n,)[, window sizes (2, n)]). ``normalise``: the float input of :func:`to_input` with the
     student's ``mean``/``std`` (CPU training), else the augmented (n, S, S, 3) uint8 (4x less to
     copy to a GPU, normalised there).
 
@@ -183,6 +205,6 @@ class PixelBatches(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         if self.pixels is None:
             self.pixels = np.load(self.file, mmap_mode="r")
-        rows, offsets, flip = self.items[i]
-        x = crop_flip(torch.from_numpy(self.pixels[rows]), offsets, flip)  # fancy indexing copies
+        rows, *augmentation = self.items[i]  # (offsets, flips) or (offsets, flips, windows)
+        x = crop_flip(torch.from_numpy(self.pixels[rows]), *augmentation)  # fancy indexing copies
         return (to_input(x, self.mean, self.std) if self.normalise else x), torch.from_numpy(rows.astype(np.int64))

@@ -71,6 +71,10 @@ class TrainConfig:
     dsd: bool = False
     dsd_sparsity: float = 0.5
     dsd_phases: list[int] | None = None
+    # Random-resized crop of the training images: each a window of U(crop_scale, 1) of the area (aspect
+    # 3/4..4/3) resized to --image-size, and flipped half the time (data.pixels.resized_crop_params).
+    # 1.0: the shift-and-flip crop only (a reflect-padded shift of up to 1/8 of the side).
+    crop_scale: float = 1.0
     # Mixup of images and their soft targets within each batch (losses.mixup): Beta(alpha, alpha); 0: off.
     mixup: float = 0.0
     # EMA of the weights (timm ModelEmaV3, with its warm-up), evaluated every epoch beside the live
@@ -121,6 +125,8 @@ def check_config(cfg: TrainConfig) -> None:
         (0 <= cfg.disturb_label < 1, f"--disturb-label must be in [0, 1), got {cfg.disturb_label}"),
         (not cfg.disturb_label or cfg.hard_weight > 0,
          f"--disturb-label {cfg.disturb_label} disturbs the hard-label term only: give it a weight with --hard-weight"),
+        (0 < cfg.crop_scale <= 1, f"--crop-scale must be in (0, 1] (the smallest crop's share of the area), "
+                                   f"got {cfg.crop_scale}"),
         (cfg.mixup >= 0, f"--mixup must be >= 0 (the Beta distribution's alpha), got {cfg.mixup}"),
         (cfg.unlabeled in ("auto", "off"), f"--unlabeled must be auto or off, got {cfg.unlabeled!r}"),
         (0 <= cfg.ema < 1, f"--ema must be in [0, 1) (the decay; 0 is off), got {cfg.ema}"),

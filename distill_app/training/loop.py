@@ -223,7 +223,7 @@ def train_epoch(run: Run, epoch: int, progress: Progress | None) -> dict:
     plan = epoch_plan(cfg, run.train_idx, epoch, run.ranks)
     on_cuda = run.device.type == "cuda"
     # On CPU PixelBatches normalises (in the workers, when there are any) with the student's mean/std.
-    loader = torch.utils.data.DataLoader(PixelBatches(run.pixels, [(m.rows, m.offsets, m.flip) for m in plan],
+    loader = torch.utils.data.DataLoader(PixelBatches(run.pixels, [(m.rows, *m.augmentation()) for m in plan],
                                                       normalise=not on_cuda, mean=run.student.mean,
                                                       std=run.student.std),
                                          batch_size=None, num_workers=cfg.num_workers, pin_memory=on_cuda)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..data.pixels import augment_params
+from ..data.pixels import augment_params, resized_crop_params
 from .config import TrainConfig
 from .distributed import Ranks
 
@@ -38,6 +38,11 @@ class MicroBatch:
     weight: float  # loss multiplier: the summed gradients are those of the whole batch's mean loss
     seed: int  # dropout
     last: bool  # the optimizer steps after this one
+    window: torch.Tensor | None = None  # (2, n) crop window sizes (--crop-scale < 1), else None: shifts only
+
+    def augmentation(self) -> tuple:
+        """What :func:`distill_app.data.pixels.crop_flip` takes after the pixels."""
+        return (self.offsets, self.flip) if self.window is None else (self.offsets, self.flip, self.window)
 
 
 def _seed(*keys: int) -> int:
@@ -56,14 +61,18 @@ def epoch_plan(cfg: TrainConfig, train_idx: np.ndarray, epoch: int, ranks: Ranks
     for i, batch in enumerate(epoch_batches(train_idx, cfg.batch_size, cfg.seed, epoch, min_size=2 * parts)):
         batch = np.sort(batch)
         generator = torch.Generator().manual_seed(_seed(cfg.seed, epoch, i))
-        offsets, flip = augment_params(len(batch), cfg.image_size, generator)
+        window = None
+        if cfg.crop_scale < 1:
+            offsets, flip, window = resized_crop_params(len(batch), cfg.image_size, generator, cfg.crop_scale)
+        else:  # the shift-and-flip crop, drawn as before --crop-scale existed (runs repeat)
+            offsets, flip = augment_params(len(batch), cfg.image_size, generator)
         cuts = np.array_split(np.arange(len(batch)), parts)
         for k in range(cfg.accum_steps):
             j = k * ranks.world + ranks.rank
             at = torch.from_numpy(cuts[j])
             weight = len(at) / len(batch) * ranks.world  # DDP divides the summed gradients by world
             plan.append(MicroBatch(batch[cuts[j]], offsets[:, at], flip[at], weight, _seed(cfg.seed, epoch, i, j),
-                                   last=k == cfg.accum_steps - 1))
+                                   last=k == cfg.accum_steps - 1, window=None if window is None else window[:, at]))
     return plan
 
 
