@@ -149,6 +149,8 @@ def train(
     dsd_sparsity: float = typer.Option(0.5, help="DSD: fraction of each layer's weights held at zero in the sparse phase."),
     dsd_phases: Optional[str] = typer.Option(None, help="DSD: epochs of the dense, sparse and re-dense phases, e.g. "
                                              "4,3,3 (default: thirds of --epochs)."),
+    keep: str = typer.Option("best", help="What model.pt holds: best (the epoch that agreed best with the teacher "
+                             "on the validation split) or last (the final epoch)."),
     crop_scale: float = typer.Option(1.0, help="Random-resized crop: each training image a window of at least this "
                                      "share of its area, resized (1: shift-and-flip only)."),
     mixup: float = typer.Option(0.0, min=0.0, help="Mixup alpha: mix pairs of images and their soft targets with "
@@ -184,7 +186,7 @@ def train(
         backbone_lr=backbone_lr,
         accum_steps=accum_steps, compile=compile_model, disturb_label=disturb_label,
         dsd=dsd, dsd_sparsity=dsd_sparsity, dsd_phases=_int_list("--dsd-phases", dsd_phases),
-        crop_scale=crop_scale, mixup=mixup, ema=ema, unlabeled=unlabeled,
+        keep=keep, crop_scale=crop_scale, mixup=mixup, ema=ema, unlabeled=unlabeled,
     )
     if not is_main_process():  # under torchrun, rank 0 alone shows progress and prints
         run_train(cfg)

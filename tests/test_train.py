@@ -395,6 +395,21 @@ def test_ema_run_picks_the_ema_weights_when_they_are_better(dataset, monkeypatch
     assert [m["kept"] for m in lines] == ["ema", "ema"]
 
 
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_keep_last_holds_the_final_epoch_where_best_holds_the_best_one(dataset, monkeypatch, keep):
+    """Agreement made to fall epoch by epoch: best keeps epoch 1, last the final weights."""
+    from distill_app.training import trainer
+
+    real = trainer.evaluate
+    monkeypatch.setattr(trainer, "evaluate", lambda run, model=None: {**real(run, model), "val_agreement": -run.epoch})
+    summary = train(config(dataset, epochs=3, keep=keep, out=f"keep-{keep}"))
+    assert summary["best_epoch"] == (1 if keep == "best" else 3)
+    final = torch.load(dataset / f"keep-{keep}/last.pt", weights_only=True)["model"]
+    model, meta = open_student(dataset / f"keep-{keep}")
+    same = all(torch.equal(v, final[k]) for k, v in model.state_dict().items())
+    assert same == (keep == "last") and meta.metrics["epoch"] == summary["best_epoch"]
+
+
 def test_resume_with_ema_and_mixup_repeats_an_uninterrupted_run(dataset):
     flags = dict(ema=0.9, mixup=0.4, hard_weight=0.3, disturb_label=0.1, crop_scale=0.4, epochs=3)
     train(config(dataset, out="straight", **flags))

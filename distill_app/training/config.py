@@ -24,6 +24,8 @@ RESUME_OVERRIDES = ("epochs", "device", "num_workers", "accum_steps", "compile")
 # "pixels"); epochs 1..N report "train" steps, then one "epoch" call with the epoch's metrics.
 Progress = Callable[[int, int, int, dict], None]
 
+KEEP = ("best", "last")  # --keep
+
 # --label-map folders: the map `distill labels suggest` drafts from the class folders, applied as is
 # (a map file of that name is ./folders).
 FOLDERS = "folders"
@@ -71,6 +73,9 @@ class TrainConfig:
     dsd: bool = False
     dsd_sparsity: float = 0.5
     dsd_phases: list[int] | None = None
+    # What model.pt holds: best, the epoch that agreed best with the teacher on the validation split;
+    # last, the final epoch's weights (with --ema, the better of the average and the live ones).
+    keep: str = "best"
     # Random-resized crop of the training images: each a window of U(crop_scale, 1) of the area (aspect
     # 3/4..4/3) resized to --image-size, and flipped half the time (data.pixels.resized_crop_params).
     # 1.0: the shift-and-flip crop only (a reflect-padded shift of up to 1/8 of the side).
@@ -125,6 +130,7 @@ def check_config(cfg: TrainConfig) -> None:
         (0 <= cfg.disturb_label < 1, f"--disturb-label must be in [0, 1), got {cfg.disturb_label}"),
         (not cfg.disturb_label or cfg.hard_weight > 0,
          f"--disturb-label {cfg.disturb_label} disturbs the hard-label term only: give it a weight with --hard-weight"),
+        (cfg.keep in KEEP, f"--keep must be one of {', '.join(KEEP)}, got {cfg.keep!r}"),
         (0 < cfg.crop_scale <= 1, f"--crop-scale must be in (0, 1] (the smallest crop's share of the area), "
                                    f"got {cfg.crop_scale}"),
         (cfg.mixup >= 0, f"--mixup must be >= 0 (the Beta distribution's alpha), got {cfg.mixup}"),

@@ -162,7 +162,7 @@ def end_epoch(run: Run, metrics: dict, out: Path) -> None:
     run.history.append(metrics)
     run.epoch = metrics["epoch"]
     model, kept = with_ema(run, metrics)
-    better = is_better(kept, run.best)
+    better = run.cfg.keep == "last" or is_better(kept, run.best)  # last: every epoch replaces model.pt
     if better:
         run.best = {k: kept[k] for k in ("epoch", "val_agreement", "val_loss", "val_accuracy")}
         if run.ema is not None:
@@ -197,7 +197,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict:
     """Train a student as ``cfg`` says; returns the summary (also what ``--json`` prints).
 
     Writes into the run folder: config.json, metrics.jsonl (one line per epoch), last.pt (every
-    epoch, atomic), model.pt (best on validation), curves.png (at the end). Under torchrun, every
+    epoch, atomic), model.pt (best on validation, or the last epoch: --keep), curves.png (at the end). Under torchrun, every
     process calls this; rank 0 alone writes and reports ``progress``.
     """
     started = time.perf_counter()
