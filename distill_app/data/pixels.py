@@ -114,7 +114,8 @@ def resized_crop_params(n: int, size: int, generator: torch.Generator, scale: fl
     """Random-resized-crop windows, as torchvision's RandomResizedCrop draws them (area a fraction
     U(scale, 1) of the image, aspect ratio log-uniform in ``ratio``, placed at random), but one per
     image of a batch, from ``generator``: (top-left offsets (2, n), flips (n,), window sizes (2, n)),
-    all int64 / bool, for :func:`crop_flip`."""
+    all int64 / bool, for :func:`crop_flip`. A side that comes out longer than the image is cut to
+    it (torchvision redraws up to 10 times instead): one draw per image keeps the batch vectorised."""
     area = (scale + (1 - scale) * torch.rand(n, generator=generator)) * size * size
     log_ratio = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).exp()
     h = (area / log_ratio).sqrt().round().clamp(1, size).long()
@@ -181,9 +182,9 @@ def to_input(x: torch.Tensor, mean=STUDENT_MEAN, std=STUDENT_STD) -> torch.Tenso
 
 class PixelBatches(torch.utils.data.Dataset):
     """Item i: micro-batch i as (input, (n,) int64 image rows): ``items[i]`` is (rows (n,) int64,
-    crop offsets (2, n), flips (n,)[, window sizes (2, n)]). ``normalise``: the float input of :func:`to_input` with the
-    student's ``mean``/``std`` (CPU training), else the augmented (n, S, S, 3) uint8 (4x less to
-    copy to a GPU, normalised there).
+    crop offsets (2, n), flips (n,)[, window sizes (2, n)]). ``normalise``: the float input of
+    :func:`to_input` with the student's ``mean``/``std`` (CPU training), else the augmented
+    (n, S, S, 3) uint8 (4x less to copy to a GPU, normalised there).
 
     Workers reopen the memory-mapped file rather than receive a pickled copy of the whole array.
     """
