@@ -109,7 +109,8 @@ def print_epoch(epoch: int, epochs: int, m: dict) -> None:
 
 
 def print_trained(s: dict) -> None:
-    best = (f"best epoch {s['best_epoch']}: val accuracy {s['val_accuracy']:.1%}, agreement {s['agreement']:.1%}"
+    # best_epoch: the epoch model.pt holds (--keep last: the final one; the JSON key predates --keep)
+    best = (f"model.pt from epoch {s['best_epoch']}: val accuracy {s['val_accuracy']:.1%}, agreement {s['agreement']:.1%}"
             if s.get("best_epoch") else "no epoch finished")
     err.print(f"trained {s['out']}: {s['epochs']} epochs in {s['seconds']:.0f}s; {best}", markup=False)
     err.print(f"  {s['images']['train']} training + {s['images']['val']} validation images, {s['classes']} classes, "
