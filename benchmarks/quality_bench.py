@@ -164,10 +164,11 @@ def train_and_eval(args, db: str, subset: Path, budget: int, recipe: str, seed: 
     train_s = time.time() - t0
     e = evaluate(str(out), str(Path(args.data) / "val"), db_path=db, latency=False)
     t = e["teacher"]
+    last = final_epoch_accuracy(out, str(Path(args.data) / "val"), db)
     history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     row = {"budget": budget, "recipe": recipe, "seed": seed, "epochs": summary["epochs"], "weights": summary["weights"],
            "train_s": round(sum(m["epoch_seconds"] for m in history), 1), "wall_s": round(train_s, 1),
-           "accuracy_all": e["accuracy"], "student_accuracy": t["student_accuracy"],
+           "accuracy_all": e["accuracy"], "student_accuracy": t["student_accuracy"], "student_accuracy_last": last,
            "teacher_accuracy": t["accuracy"], "compared": t["compared"], "agreement": t["agreement"],
            "ratio": round(t["student_accuracy"] / t["accuracy"], 4) if t["accuracy"] else None,
            "macs": e["model"]["macs"], "parameters": e["model"]["parameters"],
@@ -177,16 +178,32 @@ def train_and_eval(args, db: str, subset: Path, budget: int, recipe: str, seed: 
     return row
 
 
+def final_epoch_accuracy(out: Path, val: str, db: str) -> float:
+    """Student top-1 of the run's final-epoch weights (last.pt): what ``--keep last`` would have
+    put in model.pt (training is the same either way; only the file kept differs)."""
+    import torch
+
+    from distill_app.training.checkpoint import CHECKPOINT_FILE, MODEL_FILE
+
+    last = out / "final-epoch"
+    last.mkdir(exist_ok=True)
+    student = torch.load(out / MODEL_FILE, map_location="cpu", weights_only=False)
+    student["state_dict"] = torch.load(out / CHECKPOINT_FILE, map_location="cpu", weights_only=False)["model"]
+    torch.save(student, last / MODEL_FILE)
+    return evaluate(str(last), val, db_path=db, latency=False)["teacher"]["student_accuracy"]
+
+
 def print_table(rows: list[dict]) -> None:
-    print("| calls | recipe | seeds | MACs | train s | student top-1 | teacher top-1 | student/teacher | agreement |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| calls | recipe | seeds | MACs | train s | student top-1 | with --keep last | teacher top-1 | "
+          "student/teacher | agreement |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["budget"], r["recipe"]), []).append(r)
     for (budget, recipe), rs in groups.items():
         col = lambda key, fmt: _spread([r[key] for r in rs], fmt)  # noqa: E731
         print(f"| {budget} | {recipe} | {len(rs)} | {rs[0]['macs'] / 1e6:.0f} M | {col('train_s', '.0f')} | "
-              f"{col('student_accuracy', '.1%')} | {col('teacher_accuracy', '.1%')} | {col('ratio', '.3f')} | "
+              f"{col('student_accuracy', '.1%')} | {col('student_accuracy_last', '.1%')} | {col('teacher_accuracy', '.1%')} | {col('ratio', '.3f')} | "
               f"{col('agreement', '.1%')} |")
 
 
