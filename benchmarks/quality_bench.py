@@ -225,9 +225,14 @@ def plot(rows: list[dict], path: str) -> None:
             if r["recipe"] == recipe:
                 by_budget.setdefault(r["budget"], []).append(r["ratio"])
         budgets = sorted(by_budget)
-        ax.plot(budgets, [statistics.mean(by_budget[b]) for b in budgets], "o-", label=recipe)
-    ax.set(xscale="log", xlabel="API calls (answered training photos)", ylabel="student / teacher top-1",
+        spread = [statistics.stdev(by_budget[b]) if len(by_budget[b]) > 1 else 0.0 for b in budgets]
+        ax.errorbar(budgets, [statistics.mean(by_budget[b]) for b in budgets], yerr=spread, fmt="o-", capsize=3,
+                    label=recipe)
+    every = sorted({r["budget"] for r in rows})
+    ax.set(xscale="log", xlabel="API calls (answered training photos)", ylabel="student / teacher top-1 (mean ± sd)",
            title="Imagenette val, teacher EfficientNet-Lite0 (top 5)", ylim=(0, 1.02))
+    ax.set_xticks(every, [f"{b:,}" for b in every])
+    ax.minorticks_off()
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
