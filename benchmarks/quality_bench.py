@@ -203,8 +203,8 @@ def print_table(rows: list[dict]) -> None:
     for (budget, recipe), rs in groups.items():
         col = lambda key, fmt: _spread([r[key] for r in rs], fmt)  # noqa: E731
         print(f"| {budget} | {recipe} | {len(rs)} | {rs[0]['macs'] / 1e6:.0f} M | {col('train_s', '.0f')} | "
-              f"{col('student_accuracy', '.1%')} | {col('student_accuracy_last', '.1%')} | {col('teacher_accuracy', '.1%')} | {col('ratio', '.3f')} | "
-              f"{col('agreement', '.1%')} |")
+              f"{col('student_accuracy', '.1%')} | {col('student_accuracy_last', '.1%')} | "
+              f"{col('teacher_accuracy', '.1%')} | {col('ratio', '.3f')} | {col('agreement', '.1%')} |")
 
 
 def _spread(values: list[float], fmt: str) -> str:

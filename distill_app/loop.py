@@ -67,30 +67,28 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] = print) -> dict:
     rounds, selector = [], None
     for r, target in enumerate(round_targets(cfg.budget, cfg.rounds), 1):
         run = out / f"round-{r}"
-        if (run / ROUND_FILE).exists():
+        if (run / ROUND_FILE).exists():  # finished on an earlier run: read back, nothing paid or trained
             row = {**json.loads((run / ROUND_FILE).read_text(encoding="utf-8")), "sent": 0}
-            log(_line(row))
-            rounds.append(row)
-            selector = str(run)
-            continue
-        have = harvest(replace(base, dry_run=True))["already_cached"]
-        strategy = cfg.select if selector else ("diversity" if cfg.select in ("diversity", "hybrid") else "random")
-        sent = answered = 0
-        if target > have:
-            h = harvest(replace(base, max_calls=target - have, select=strategy,
-                                selector=selector if strategy in MODEL_BASED and selector else None))
-            sent, answered = h["sent"], h["succeeded"]
-        flags = dict(cfg.train)
-        if cfg.warm_start and selector:
-            flags.update(init=str(Path(selector) / "model.pt"), backbone_lr=1.0, pretrained="off")
-        t = train(TrainConfig(images=cfg.images, db=cfg.db, teachers=[cfg.teacher], out=str(run),
-                              resume=(run / "last.pt").exists(), seed=cfg.seed, **flags))
-        row = {"round": r, "strategy": strategy, "answered": have + answered,
-               "sent": sent, "out": str(run), "val_accuracy": t["val_accuracy"], "agreement": t["agreement"]}
-        if cfg.val:
-            e = evaluate(str(run), cfg.val, db_path=cfg.db, teacher_spec=cfg.teacher, latency=False)
-            row.update(eval_accuracy=e["accuracy"], eval_agreement=e["teacher"]["agreement"])
-        _write_row(run / ROUND_FILE, row)
+        else:
+            have = harvest(replace(base, dry_run=True))["already_cached"]
+            first = "diversity" if cfg.select in ("diversity", "hybrid") else "random"
+            strategy = cfg.select if selector else first
+            sent = answered = 0
+            if target > have:
+                h = harvest(replace(base, max_calls=target - have, select=strategy,
+                                    selector=selector if strategy in MODEL_BASED and selector else None))
+                sent, answered = h["sent"], h["succeeded"]
+            flags = dict(cfg.train)
+            if cfg.warm_start and selector:
+                flags.update(init=str(Path(selector) / "model.pt"), backbone_lr=1.0, pretrained="off")
+            t = train(TrainConfig(images=cfg.images, db=cfg.db, teachers=[cfg.teacher], out=str(run),
+                                  resume=(run / "last.pt").exists(), seed=cfg.seed, **flags))
+            row = {"round": r, "strategy": strategy, "answered": have + answered,
+                   "sent": sent, "out": str(run), "val_accuracy": t["val_accuracy"], "agreement": t["agreement"]}
+            if cfg.val:
+                e = evaluate(str(run), cfg.val, db_path=cfg.db, teacher_spec=cfg.teacher, latency=False)
+                row.update(eval_accuracy=e["accuracy"], eval_agreement=e["teacher"]["agreement"])
+            _write_row(run / ROUND_FILE, row)
         log(_line(row))
         rounds.append(row)
         selector = str(run)
