@@ -5,9 +5,10 @@ strategy, seed) one `distill loop` (its Python API, distill_app/loop.py) runs --
 its own store under --work, against the local EfficientNet-Lite0 served by `distill serve-teacher
 --format hf` on loopback (answering its top 5, as quality_bench.py does), with the quality
 benchmark's label map and student: MobileNetV2 x0.5 at 112 px from random init (--pretrained off),
-product training defaults unless --epochs / --train-json say otherwise. Round 1 of diversity and
-hybrid is k-center on the local EfficientNet-Lite0's features (loop.py): here that is the teacher's
-own network, which a paid cloud teacher would not be (there it is merely a good free feature model).
+product training defaults unless --epochs / --train-json say otherwise. Round 1 of diversity is
+k-center, of typical and hybrid TypiClust, on the local EfficientNet-Lite0's features (loop.py):
+here that is the teacher's own network, which a paid cloud teacher would not be (there it is
+merely a good free feature model).
 
 Every run pays its own pool calls into its own store (no answer is shared between runs: what a
 strategy picks depends on what its store holds, and its calls are counted there). The val photos'
@@ -100,7 +101,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--data", default=qb.DATA, help="folder with train/ (the pool) and val/ class folders")
     ap.add_argument("--work", default="/tmp/distill-active", help="stores, runs, subsets and results")
     ap.add_argument("--budgets", default="500,1000", help="calls per loop, over all rounds")
-    ap.add_argument("--strategies", default="random,balanced,diversity,uncertainty,hybrid",
+    ap.add_argument("--strategies", default="random,balanced,diversity,typical,uncertainty,hybrid",
                     help=f"of {', '.join(STRATEGIES)}")
     ap.add_argument("--seeds", default="0,1,2", help="loop seeds (selection order and training)")
     ap.add_argument("--rounds", type=int, default=4)

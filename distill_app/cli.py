@@ -60,10 +60,11 @@ def harvest(
     select: str = typer.Option("random", help="Which waiting images a smaller budget goes to: random (seeded), "
                                "balanced (round-robin over the class folders), uncertainty (the --selector "
                                "student's highest entropy first), diversity (k-center greedy on the --selector's "
-                               "or else the local teacher's features), hybrid (k-center among the 2 x budget most "
+                               "or else the local teacher's features), typical (TypiClust: the most typical image of each "
+                               "k-means cluster, on the same features), hybrid (k-center among the 2 x budget most "
                                "uncertain). Never scan order."),
     selector: Optional[str] = typer.Option(None, help="Student run folder or model.pt that scores the images for "
-                                           "--select uncertainty, diversity or hybrid."),
+                                           "--select uncertainty, diversity, typical or hybrid."),
     seed: int = typer.Option(0, min=0, help="Seed of --select: the same seed keeps one order across runs."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
@@ -374,7 +375,8 @@ def loop(
     budget: int = typer.Option(..., min=1, help="Calls in all, over every round."),
     rounds: int = typer.Option(..., min=1, help="Harvest-then-train rounds; each spends budget/rounds."),
     select: str = typer.Option("uncertainty", help="How rounds after the first choose: uncertainty, diversity, "
-                               "hybrid (with the previous round's student), random or balanced."),
+                               "typical, hybrid (with the previous round's student), random or balanced. Round 1: "
+                               "k-center for diversity, typical for typical and hybrid, else random."),
     db: Optional[str] = typer.Option(None, help=DB_HELP),
     endpoint: Optional[str] = typer.Option(None, help="Teacher endpoint URL (remote teachers)."),
     top_k: Optional[int] = typer.Option(None, min=1, help="Labels per answer (remote teachers)."),
@@ -383,6 +385,9 @@ def loop(
     image_size: int = typer.Option(224, help="Student input resolution in pixels."),
     epochs: Optional[int] = typer.Option(None, min=1, help="Training epochs per round (default: as train's)."),
     batch_size: int = typer.Option(64, min=2),
+    pretrained: str = typer.Option("auto", help="As for train: ImageNet weights for every round's student."),
+    init: Optional[Path] = typer.Option(None, help="As for train: initial weights of round 1 (of every round "
+                                        "without --warm-start)."),
     val: Optional[Path] = typer.Option(None, help="Labelled folder to evaluate each round's student on."),
     out: Path = typer.Option(Path("runs/loop"), help="Folder of the rounds (round-1, ...) and the final model.pt."),
     warm_start: bool = typer.Option(False, "--warm-start", help="Rounds after the first start from the previous "
@@ -397,9 +402,13 @@ def loop(
     from .harvest.select import STRATEGIES
     from .loop import LoopConfig, run_loop
 
+    from students import PRETRAINED_MODES
+
     _check_choice("--select", select, STRATEGIES)
+    _check_choice("--pretrained", pretrained, PRETRAINED_MODES)
     train_flags = {"width": width, "image_size": image_size, "epochs": epochs, "batch_size": batch_size,
-                   "label_map": str(label_map) if label_map else None}
+                   "label_map": str(label_map) if label_map else None, "pretrained": pretrained,
+                   "init": str(init) if init else None}
     cfg = LoopConfig(images=str(images), teacher=teacher, budget=budget, rounds=rounds, select=select, out=str(out),
                      db=db, endpoint=endpoint, top_k=top_k, val=str(val) if val else None, seed=seed, warm_start=warm_start,
                      train=train_flags)

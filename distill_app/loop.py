@@ -1,8 +1,11 @@
 """``distill loop``: the active-learning cycle in one command, resumable. Each of ``rounds`` rounds
 brings the answered images up to ``budget * round / rounds`` (harvest, ordered by ``select`` with
 the previous round's student as the selector), then trains a student on all answers so far into
-``out/round-<r>``. Round 1 has no student yet: it takes a diverse sample (``diversity`` on the
-local EfficientNet-Lite0) when ``select`` is diversity or hybrid, else a random one. With
+``out/round-<r>``. Round 1 has no student yet: on the local EfficientNet-Lite0's features it
+takes a k-center sample when ``select`` is diversity, a typical one (``typical``) when it is
+typical or hybrid, else a random one. Hybrid starts typical because k-center's first picks are
+the pool's outliers: on Imagenette its 250-photo round-1 students were 10 points (ImageNet init)
+to 18 points (random init) below random's (BENCHMARKS.md, active selection). With
 ``warm_start`` each later round starts from the previous round's student.
 
 Nothing is paid twice: a round's calls are what its target lacks, counted from the store on every
@@ -24,7 +27,8 @@ from typing import Callable
 
 from .errors import DistillError
 
-MODEL_BASED = ("uncertainty", "diversity", "hybrid")
+MODEL_BASED = ("uncertainty", "diversity", "typical", "hybrid")
+FIRST_ROUND = {"diversity": "diversity", "typical": "typical", "hybrid": "typical"}  # else random
 ROUND_FILE = "round.json"  # in out/round-<r>: the finished round's row
 
 
@@ -71,8 +75,7 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] = print) -> dict:
             row = {**json.loads((run / ROUND_FILE).read_text(encoding="utf-8")), "sent": 0}
         else:
             have = harvest(replace(base, dry_run=True))["already_cached"]
-            first = "diversity" if cfg.select in ("diversity", "hybrid") else "random"
-            strategy = cfg.select if selector else first
+            strategy = cfg.select if selector else FIRST_ROUND.get(cfg.select, "random")
             sent = answered = 0
             if target > have:
                 h = harvest(replace(base, max_calls=target - have, select=strategy,

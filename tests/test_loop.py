@@ -100,3 +100,26 @@ def test_warm_start_trains_each_later_round_from_the_previous_student(tmp_path, 
 
     ckpt = torch.load(tmp_path / "runs/loop/round-2/model.pt", map_location="cpu", weights_only=False)
     assert ckpt["weights"]["source"] == f"init:{second['init']}"
+
+
+def test_hybrid_starts_typical_and_every_round_starts_from_init(tmp_path, monkeypatch):
+    """Round 1 of hybrid buys typical photos (TypiClust on the local teacher's features), later
+    rounds use the student; --init reaches every round's training (no --warm-start)."""
+    import torch
+
+    from students import create_student
+
+    monkeypatch.chdir(tmp_path)
+    write_photos(tmp_path / "photos", per_class=5)
+    torch.manual_seed(1)
+    torch.save({"state_dict": create_student("mobilenetv2", 1000, width=0.35).state_dict()}, tmp_path / "init.pt")
+    flags = [*LOOP, "--images", "photos", "--init", "init.pt"]
+    flags[flags.index("uncertainty")] = "hybrid"
+    result = CliRunner().invoke(app, flags)
+    assert result.exit_code == 0, result.output
+    rounds = json.loads(result.stdout.strip().splitlines()[-1])["rounds"]
+    assert [r["strategy"] for r in rounds] == ["typical", "hybrid"] and calls("distill.db") == 6
+    for r in (1, 2):
+        assert json.loads((tmp_path / f"runs/loop/round-{r}/config.json").read_text())["init"] == "init.pt"
+    bad = CliRunner().invoke(app, [*LOOP, "--images", "photos", "--pretrained", "maybe"])
+    assert bad.exit_code == 2 and "choose one of auto, on, off" in bad.output  # a usage error, as for train

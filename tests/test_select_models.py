@@ -18,7 +18,7 @@ from distill_app.data.images import decode_rgb, sha256_bytes
 from distill_app.data.pixels import cache_dir, resize_center_crop
 from distill_app.harvest.engine import HarvestConfig, harvest
 from distill_app.harvest.scoring import Scorer
-from distill_app.harvest.select import Pool, k_center_greedy, select
+from distill_app.harvest.select import Pool, k_center_greedy, select, typical_picks
 from distill_app.demo import sample_photo_paths
 from distill_app.training.checkpoint import open_student
 
@@ -160,6 +160,49 @@ def test_k_center_greedy_spreads_and_counts_given_centres():
     assert sorted(k_center_greedy(points, 10)) == [0, 1, 2, 3]  # never a row twice
 
 
+CENTRES = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+
+
+def _blobs(seed: int = 0) -> torch.Tensor:
+    """3 blobs of 30 points (2-d, sd 0.3) at distances of 10, rows 0-89, and 3 lone outliers far
+    from all, rows 90-92."""
+    g = torch.Generator().manual_seed(seed)
+    blobs = [c + 0.3 * torch.randn(30, 2, generator=g) for c in CENTRES]
+    return torch.cat(blobs + [torch.tensor([[30.0, 30.0], [-30.0, 20.0], [25.0, -30.0]])])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_typical_takes_one_dense_core_per_cluster_and_no_outlier(seed):
+    points = _blobs(seed)
+    picks = typical_picks(points, 3, seed=seed)
+    assert sorted(i // 30 for i in picks) == [0, 1, 2]  # one per blob: no outlier (row 90+), no blob twice
+    for i in picks:  # from the dense middle: within one sd of the blob's centre
+        assert (points[i] - CENTRES[i // 30]).norm() < 0.3
+
+
+def test_typical_counts_the_answered_images_and_never_picks_twice():
+    points = _blobs(1)
+    answered, waiting = points[:30], points[30:]  # blob 0 answered already
+    picks = typical_picks(waiting, 2, answered)
+    assert sorted(i // 30 for i in picks) == [0, 1]  # blobs 1 and 2 (rows 0-59 of waiting), not blob 0 again
+    everything = typical_picks(waiting, 100, answered)
+    assert sorted(everything) == list(range(len(waiting)))  # all of them, once each, when k >= N
+
+
+def test_typical_through_the_cli_buys_the_distinct_photos(near_copies, teacher_spec, tmp_path):
+    """On the teacher's features: 2 calls go to two different photos, not two copies of the cat,
+    and the store records the strategy."""
+    shas = _shas(near_copies)
+    group = {shas[n] for n in ("cat", "cat-brighter", "cat-shifted", "cat-q70")}
+    db = tmp_path / "t.db"
+    _harvest(near_copies, db, teacher_spec, "--select", "typical", "--max-calls", "2")
+    store = open_store(str(db), create=False)
+    teacher = store.teachers()[0]["id"]
+    assert len(store.answered(teacher)) == 2 and len(store.answered(teacher) & group) <= 1
+    assert [r["strategy"] for r in store.selections(teacher)] == ["typical", "typical"]
+    store.close()
+
+
 def test_scores_are_cached_per_model(near_copies, student):
     shas = _shas(near_copies)
     paths = {sha: str(near_copies / f"{stem}.jpg") for stem, sha in shas.items()}
@@ -192,7 +235,7 @@ def test_selector_errors_are_one_line(near_copies, tmp_path):
         (["--select", "hybrid"], "--select hybrid needs --selector RUN"),
         (["--select", "random", "--selector", "runs/x"], "--selector is used by --select uncertainty"),
         (["--select", "diversity", "--selector", "no-such-run"], "no such run folder or model file"),
-        (["--select", "nearest"], "--select must be one of random, balanced, uncertainty, diversity, hybrid"),
+        (["--select", "nearest"], "--select must be one of random, balanced, uncertainty, diversity, typical, hybrid"),
     ]:
         res = runner.invoke(app, base + flags)
         assert res.exit_code == 1 and message in res.output, res.output

@@ -14,6 +14,13 @@ resumes (or a second harvester) keeps to one order.
   image farthest from every centre so far; the images already answered are centres from the
   start, so a first paid batch goes to what they do not cover yet. Greedy picks fill the
   budget; the images after them (beyond what this run can send) follow in the seeded order.
+- ``typical``: TypiClust (Hacohen, Dekel & Weinshall 2022, "Active learning on a budget:
+  opposite strategies suit high and low budgets"): k-means on the same embeddings (answered and
+  waiting together, as many clusters as answered + budget images, but no more than one per
+  ``TYPICAL_MIN_CLUSTER`` images unless the budget needs them), then, from the cluster with the fewest answered or picked
+  images (the larger first), its most typical waiting image: the one closest on average to its
+  ``TYPICAL_NEIGHBOURS`` nearest neighbours in the cluster. Dense, representative photos spread
+  over the clusters: what a small budget should buy first, where k-center buys the outliers.
 - ``hybrid``: the ``HYBRID_POOL`` x budget most uncertain images, then k-center greedy among them
   (answered images again centres): uncertain, but not ten crops of one confusing photo. After
   the picks, the rest in order of uncertainty.
@@ -34,12 +41,18 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported by the strategies that run a model: `harvest` starts fast
     import torch
 
-STRATEGIES = ("random", "balanced", "uncertainty", "diversity", "hybrid")
-MODEL_STRATEGIES = ("uncertainty", "diversity", "hybrid")
+STRATEGIES = ("random", "balanced", "uncertainty", "diversity", "typical", "hybrid")
+MODEL_STRATEGIES = ("uncertainty", "diversity", "typical", "hybrid")
 NEEDS_SELECTOR = ("uncertainty", "hybrid")
 # hybrid: uncertain candidates per image of the budget. 2, the smallest pool that leaves
 # k-center a real choice; a larger one trades uncertainty for spread.
 HYBRID_POOL = 2
+# typical: TypiClust's published settings (20 neighbours; clusters of fewer than 5 images skipped).
+TYPICAL_NEIGHBOURS = 20
+TYPICAL_MIN_CLUSTER = 5
+# Above this many images k-means runs in mini-batches (sklearn's MiniBatchKMeans, as TypiClust
+# does for large pools): full Lloyd passes over 100,000 x 1,280 embeddings take minutes each.
+_FULL_KMEANS_IMAGES = 20_000
 _SIMILARITIES_AT_ONCE = 2 ** 25  # (waiting x centres) block of the first distance pass: 128 MB
 
 
@@ -97,6 +110,9 @@ def _by_model(strategy: str, shuffled: list[str], pool: Pool, seed: int) -> list
     if strategy == "diversity":
         picks = k_center_greedy(scores.embeddings[rows], pool.budget, centres, scorer.device)
         head = [scores.shas[rows[i]] for i in picks]
+    elif strategy == "typical":
+        picks = typical_picks(scores.embeddings[rows], pool.budget, centres, seed)
+        head = [scores.shas[rows[i]] for i in picks]
     else:
         # Stable sort: ties keep the seeded order.
         rows.sort(key=lambda i: (-float(scores.entropy[i]), float(scores.margin[i])))
@@ -146,6 +162,59 @@ def k_center_greedy(points: torch.Tensor, k: int, centres: torch.Tensor | None =
         nearest[pick] = -1.0  # never picked twice, even after everything else is covered
         pick = int(torch.argmax(nearest))
     return picks
+
+
+def typical_picks(points: torch.Tensor, k: int, answered: torch.Tensor | None = None, seed: int = 0) -> list[int]:
+    """Rows of ``points`` (N, D), the waiting images' embeddings, picked TypiClust's way: k-means
+    over them and ``answered`` (M, D) together into M + k clusters, or fewer when that leaves fewer
+    than ``TYPICAL_MIN_CLUSTER`` images a cluster (never fewer than k), then each pick is the most typical unpicked row of the cluster with the fewest
+    answered-or-picked members (ties: the larger cluster, then the lower cluster number).
+
+    Typicality is the inverse mean distance to the ``TYPICAL_NEIGHBOURS`` nearest neighbours
+    inside the cluster (fewer in a small one: half its size, at least one), as in the paper.
+    """
+    import numpy as np
+    import torch
+    from sklearn.cluster import KMeans, MiniBatchKMeans  # well-kept k-means with k-means++ seeding
+
+    n = points.shape[0]
+    k = min(k, n)
+    if k <= 0:
+        return []
+    answered = points[:0] if answered is None else answered
+    everything = torch.cat([points, answered.to(points.dtype)]).float().numpy()
+    clusters = min(len(answered) + k, max(k, len(everything) // TYPICAL_MIN_CLUSTER))
+    kmeans = (KMeans(clusters, n_init=1, random_state=seed) if len(everything) <= _FULL_KMEANS_IMAGES
+              else MiniBatchKMeans(clusters, n_init=3, batch_size=4096, random_state=seed))
+    assignment = kmeans.fit_predict(everything)
+    members = [np.flatnonzero(assignment[:n] == c) for c in range(clusters)]  # waiting rows per cluster
+    taken = np.bincount(assignment[n:], minlength=clusters)  # answered (then picked) per cluster
+    size = np.bincount(assignment, minlength=clusters)
+    # Each cluster's waiting rows, most typical first, computed when the cluster is first drawn from.
+    queues: dict[int, list[int]] = {}
+    picks: list[int] = []
+    while len(picks) < k:
+        open_ = [c for c in range(clusters) if len(members[c]) and queues.get(c, True)]
+        c = min(open_, key=lambda c: (taken[c], -size[c], c))
+        if c not in queues:
+            queues[c] = [int(i) for i in members[c][np.argsort(-_typicality(everything[members[c]]), kind="stable")]]
+        picks.append(queues[c].pop(0))
+        taken[c] += 1
+    return picks
+
+
+def _typicality(x):
+    """1 / mean Euclidean distance to the nearest neighbours within ``x`` (n, D)."""
+    import numpy as np
+
+    if len(x) == 1:
+        return np.ones(1)
+    sq = (x * x).sum(1)  # the Gram form: no (n, n, D) temporary
+    d = np.sqrt(np.clip(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0, None))
+    np.fill_diagonal(d, np.inf)
+    neighbours = max(1, min(TYPICAL_NEIGHBOURS, len(x) // 2))
+    nearest = np.partition(d, neighbours - 1, axis=1)[:, :neighbours]
+    return 1.0 / (nearest.mean(1) + 1e-8)
 
 
 def _rank(key: str, seed: int) -> str:
