@@ -92,7 +92,7 @@ def bench() -> None:
     print_table(rows)
     print_calls_to_reach(rows)
     if args.plot:
-        plot(rows, args.plot)
+        plot(rows, args.plot, student_words(train_cfg))
     print(json.dumps({"setting": str(setting), "rows": rows, "args": vars(args)}))
 
 
@@ -314,7 +314,14 @@ def print_calls_to_reach(rows: list[dict]) -> None:
     print("\n(linear between rounds; ≤ N: reached by the first round already, at N calls)")
 
 
-def plot(rows: list[dict], path: str) -> None:
+def student_words(train_cfg: dict) -> str:
+    """The plot's name for the student, e.g. "MobileNetV2 x1.0 @112 px, ImageNet init"."""
+    start = "ImageNet init" if train_cfg.get("init") else (
+        "random init" if train_cfg.get("pretrained") == "off" else f"--pretrained {train_cfg.get('pretrained', 'auto')}")
+    return f"MobileNetV2 x{train_cfg.get('width', 1.0)} @{train_cfg.get('image_size', 224)} px, {start}"
+
+
+def plot(rows: list[dict], path: str, student: str) -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.5))
@@ -333,7 +340,7 @@ def plot(rows: list[dict], path: str) -> None:
                     color=colours[strategy], linestyle=styles[budgets.index(budget) % len(styles)],
                     label=f"{strategy}, {budget:,}-call loop")
     ax.set(xlabel="API calls (answered pool photos)", ylabel="student top-1 on val",
-           title="Imagenette val: MobileNetV2 x0.5 @112 px from EfficientNet-Lite0 (top 5)")
+           title=f"Imagenette val: {student}, from EfficientNet-Lite0 (top 5)")
     ax.title.set_fontsize(10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
