@@ -4,7 +4,7 @@ the previous round's student as the selector), then trains a student on all answ
 ``out/round-<r>``. Round 1 has no student yet: on the local EfficientNet-Lite0's features it
 takes a k-center sample when ``select`` is diversity, a typical one (``typical``) when it is
 typical or hybrid, else a random one. Hybrid starts typical because k-center's first picks are
-the pool's outliers: on Imagenette its 250-photo round-1 students were 10 points (ImageNet init)
+the pool's outliers: on Imagenette its 250-photo round-1 students were 6 points (ImageNet init)
 to 18 points (random init) below random's (BENCHMARKS.md, active selection). With
 ``warm_start`` each later round starts from the previous round's student.
 

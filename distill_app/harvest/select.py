@@ -16,9 +16,9 @@ resumes (or a second harvester) keeps to one order.
   budget; the images after them (beyond what this run can send) follow in the seeded order.
 - ``typical``: TypiClust (Hacohen, Dekel & Weinshall 2022, "Active learning on a budget:
   opposite strategies suit high and low budgets"): k-means on the same embeddings (answered and
-  waiting together, as many clusters as answered + budget images, but no more than one per
-  ``TYPICAL_MIN_CLUSTER`` images unless the budget needs them), then, from the cluster with the fewest answered or picked
-  images (the larger first), its most typical waiting image: the one closest on average to its
+  waiting together, as many clusters as answered + budget images, within the limits of
+  ``typical_picks``), then, from the cluster with the fewest answered or picked images (the
+  larger first), its most typical waiting image: the one closest on average to its
   ``TYPICAL_NEIGHBOURS`` nearest neighbours in the cluster. Dense, representative photos spread
   over the clusters: what a small budget should buy first, where k-center buys the outliers.
 - ``hybrid``: the ``HYBRID_POOL`` x budget most uncertain images, then k-center greedy among them
@@ -50,6 +50,9 @@ HYBRID_POOL = 2
 # typical: TypiClust's published settings (20 neighbours; clusters of fewer than 5 images skipped).
 TYPICAL_NEIGHBOURS = 20
 TYPICAL_MIN_CLUSTER = 5
+# More clusters than this only when the budget itself is larger: with many images answered, each
+# k-means pass over 100,000 embeddings would cost more (M + k clusters) than the order is worth.
+TYPICAL_MAX_CLUSTERS = 2048
 # Above this many images k-means runs in mini-batches (sklearn's MiniBatchKMeans, as TypiClust
 # does for large pools): full Lloyd passes over 100,000 x 1,280 embeddings take minutes each.
 _FULL_KMEANS_IMAGES = 20_000
@@ -166,8 +169,9 @@ def k_center_greedy(points: torch.Tensor, k: int, centres: torch.Tensor | None =
 
 def typical_picks(points: torch.Tensor, k: int, answered: torch.Tensor | None = None, seed: int = 0) -> list[int]:
     """Rows of ``points`` (N, D), the waiting images' embeddings, picked TypiClust's way: k-means
-    over them and ``answered`` (M, D) together into M + k clusters, or fewer when that leaves fewer
-    than ``TYPICAL_MIN_CLUSTER`` images a cluster (never fewer than k), then each pick is the most typical unpicked row of the cluster with the fewest
+    over them and ``answered`` (M, D) together into M + k clusters, capped at one per
+    ``TYPICAL_MIN_CLUSTER`` images and at ``TYPICAL_MAX_CLUSTERS``, but never fewer than k;
+    then each pick is the most typical unpicked row of the cluster with the fewest
     answered-or-picked members (ties: the larger cluster, then the lower cluster number).
 
     Typicality is the inverse mean distance to the ``TYPICAL_NEIGHBOURS`` nearest neighbours
@@ -183,7 +187,7 @@ def typical_picks(points: torch.Tensor, k: int, answered: torch.Tensor | None = 
         return []
     answered = points[:0] if answered is None else answered
     everything = torch.cat([points, answered.to(points.dtype)]).float().numpy()
-    clusters = min(len(answered) + k, max(k, len(everything) // TYPICAL_MIN_CLUSTER))
+    clusters = min(len(answered) + k, max(k, min(len(everything) // TYPICAL_MIN_CLUSTER, TYPICAL_MAX_CLUSTERS)))
     kmeans = (KMeans(clusters, n_init=1, random_state=seed) if len(everything) <= _FULL_KMEANS_IMAGES
               else MiniBatchKMeans(clusters, n_init=3, batch_size=4096, random_state=seed))
     assignment = kmeans.fit_predict(everything)
