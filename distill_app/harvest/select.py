@@ -33,6 +33,7 @@ quota), the order buys nothing, so no model runs and the order is the seeded shu
 from __future__ import annotations
 
 import hashlib
+import heapq
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -186,24 +187,27 @@ def typical_picks(points: torch.Tensor, k: int, answered: torch.Tensor | None = 
     if k <= 0:
         return []
     answered = points[:0] if answered is None else answered
-    everything = torch.cat([points, answered.to(points.dtype)]).float().numpy()
+    everything = torch.cat([points.float(), answered.float()]).numpy()
     clusters = min(len(answered) + k, max(k, min(len(everything) // TYPICAL_MIN_CLUSTER, TYPICAL_MAX_CLUSTERS)))
     kmeans = (KMeans(clusters, n_init=1, random_state=seed) if len(everything) <= _FULL_KMEANS_IMAGES
               else MiniBatchKMeans(clusters, n_init=3, batch_size=4096, random_state=seed))
     assignment = kmeans.fit_predict(everything)
     members = [np.flatnonzero(assignment[:n] == c) for c in range(clusters)]  # waiting rows per cluster
-    taken = np.bincount(assignment[n:], minlength=clusters)  # answered (then picked) per cluster
+    taken = np.bincount(assignment[n:], minlength=clusters)  # answered per cluster
     size = np.bincount(assignment, minlength=clusters)
+    # Clusters with waiting rows, keyed (answered or picked, -size, number): the next pick's cluster on top.
+    heap = [(int(taken[c]), -int(size[c]), c) for c in range(clusters) if len(members[c])]
+    heapq.heapify(heap)
     # Each cluster's waiting rows, most typical first, computed when the cluster is first drawn from.
     queues: dict[int, list[int]] = {}
     picks: list[int] = []
     while len(picks) < k:
-        open_ = [c for c in range(clusters) if len(members[c]) and queues.get(c, True)]
-        c = min(open_, key=lambda c: (taken[c], -size[c], c))
+        count, negative_size, c = heapq.heappop(heap)
         if c not in queues:
             queues[c] = [int(i) for i in members[c][np.argsort(-_typicality(everything[members[c]]), kind="stable")]]
         picks.append(queues[c].pop(0))
-        taken[c] += 1
+        if queues[c]:
+            heapq.heappush(heap, (count + 1, negative_size, c))
     return picks
 
 
