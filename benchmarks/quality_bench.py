@@ -15,6 +15,8 @@ Recipes (product defaults except what is named):
   random-rrc  the same with --crop-scale 0.35 (random-resized crop)
   random-semi the same with --unlabeled auto, trained on all 4,000 training photos from a store that
               holds the answers of only the budget's (budget_store): the rest are its unlabeled images
+  random-noisy the same photos and store, with --pseudo-labels the same budget and seed's `random`
+              run (trained first when missing): Noisy Student, one round
   imagenet    MobileNetV2 x1.0 at 112 px, --init ../shared/weights/mobilenetv2_100_imagenet.pt
   imagenet64  MobileNetV2 x1.0 at 64 px, the same init: about the MACs of x0.5 at 112 px
   imagenet160 MobileNetV2 x1.0 at 160 px, the same init (closer to the 224 px it was trained at)
@@ -61,6 +63,8 @@ RECIPES = {
     "random-mixup": {"width": 0.5, "image_size": 112, "pretrained": "off", "mixup": 0.2},
     "random-rrc": {"width": 0.5, "image_size": 112, "pretrained": "off", "crop_scale": 0.35},
     "random-semi": {"width": 0.5, "image_size": 112, "pretrained": "off", "unlabeled": "auto"},
+    # Noisy Student: the same seed's `random` run labels the unanswered photos (--pseudo-labels).
+    "random-noisy": {"width": 0.5, "image_size": 112, "pretrained": "off", "pseudo_labels": "random"},
     "imagenet": {"width": 1.0, "image_size": 112, "init": INIT},
     "imagenet64": {"width": 1.0, "image_size": 64, "init": INIT},
     "imagenet160": {"width": 1.0, "image_size": 160, "init": INIT},
@@ -154,11 +158,17 @@ def budget_store(db: str, train_dir: Path, budget: int, work: Path) -> str:
 
 def train_and_eval(args, db: str, subset: Path, budget: int, recipe: str, seed: int, work: Path) -> dict:
     out = work / "runs" / f"b{budget}-{recipe}-e{args.epochs or 'auto'}-s{seed}"
-    if RECIPES[recipe].get("unlabeled") == "auto":  # the same labelled photos, the others unanswered beside them
+    flags = dict(RECIPES[recipe])
+    if "pseudo_labels" in flags:  # the labeller: that recipe's run on the budget's photos, trained first
+        labeller = work / "runs" / f"b{budget}-{flags['pseudo_labels']}-e{args.epochs or 'auto'}-s{seed}"
+        if not (labeller / "model.pt").exists():
+            train_and_eval(args, db, subset, budget, flags["pseudo_labels"], seed, work)
+        flags["pseudo_labels"] = str(labeller)
+    if flags.get("unlabeled") == "auto" or "pseudo_labels" in flags:
+        # the same labelled photos, the others unanswered beside them
         subset, db = Path(args.data) / "train", budget_store(db, Path(args.data) / "train", budget, work)
     cfg = TrainConfig(images=str(subset), db=db, teachers=[TEACHER], label_map=args.label_map,
-                      epochs=args.epochs, out=str(out), resume=(out / "last.pt").exists(), seed=seed,
-                      **RECIPES[recipe])
+                      epochs=args.epochs, out=str(out), resume=(out / "last.pt").exists(), seed=seed, **flags)
     t0 = time.time()
     summary = train(cfg)
     train_s = time.time() - t0

@@ -160,6 +160,9 @@ def train(
                               "with this decay (e.g. 0.999; 0: off); model.pt keeps it when it agrees better."),
     unlabeled: str = typer.Option("off", help="auto: also learn from the images under --images with no usable "
                                   "answer (semi-supervised consistency); off: never."),
+    pseudo_labels: Optional[Path] = typer.Option(None, "--pseudo-labels", help="A trained student (run folder "
+                                                 "or model.pt): its predictions become the targets of the images "
+                                                 "with no usable answer, which then train too (Noisy Student)."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Train a student on the teacher's stored soft labels.
@@ -188,6 +191,7 @@ def train(
         accum_steps=accum_steps, compile=compile_model, disturb_label=disturb_label,
         dsd=dsd, dsd_sparsity=dsd_sparsity, dsd_phases=_int_list("--dsd-phases", dsd_phases),
         keep=keep, crop_scale=crop_scale, mixup=mixup, ema=ema, unlabeled=unlabeled,
+        pseudo_labels=str(pseudo_labels) if pseudo_labels else None,
     )
     if not is_main_process():  # under torchrun, rank 0 alone shows progress and prints
         run_train(cfg)

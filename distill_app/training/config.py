@@ -91,6 +91,9 @@ class TrainConfig:
     # auto: semi-supervised consistency on the images under --images with no usable answer (unlabeled.py),
     # when there are any; off: never. Off by default until it is measured to help (BENCHMARKS.md).
     unlabeled: str = "off"
+    # A trained student (run folder or model.pt) whose soft predictions become the targets of the
+    # images with no usable answer, which then train beside the answered ones (pseudo.py: Noisy Student).
+    pseudo_labels: str | None = None
 
 
 # --epochs left out: enough epochs for AUTO_STEPS optimizer steps, within [AUTO_MIN, AUTO_MAX].

@@ -46,6 +46,7 @@ from .config import AUTO_STEPS, Progress, TrainConfig, auto_epochs, check_config
 from .data import TrainData, prepare_data
 from .distributed import Ranks, join_processes, on_main
 from .loop import Run, check_batches, evaluate, new_run, train_epoch
+from .pseudo import add_pseudo_labels
 
 __all__ = ["TrainConfig", "train"]
 
@@ -245,6 +246,8 @@ def _setup(cfg: TrainConfig, progress: Progress | None) -> tuple[TrainConfig, Pa
     if cfg.resume:
         cfg = resumed_config(cfg, load_checkpoint(out / CHECKPOINT_FILE), out)
     data = prepare_data(cfg, progress)
+    if cfg.pseudo_labels:
+        data = add_pseudo_labels(data, cfg.pseudo_labels, out, cfg.resume, cfg.device)
     if cfg.epochs is None:
         cfg = replace(cfg, epochs=auto_epochs(int((~data.is_val).sum()), cfg.batch_size))
         log.info("--epochs %d: about %d steps over %d training images (config.auto_epochs)", cfg.epochs,

@@ -1,0 +1,71 @@
+"""``train --pseudo-labels RUN`` (Noisy Student): a trained student labels the images no call
+reached, they train beside the answered ones, never in validation; resume repeats the run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from distill_app.errors import DistillError
+from distill_app.training.pseudo import PSEUDO_FILE, predict
+from distill_app.training.data import prepare_data
+from distill_app.training.trainer import train
+from test_train import _stop_after, config, make_dataset, store_answers
+
+
+@pytest.fixture(autouse=True)
+def workspace(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILL_CACHE_DIR", str(tmp_path / "pixel-cache"))
+    monkeypatch.delenv("DISTILL_DB", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def labelled(workspace):
+    """24 photos, 16 answered, and a student trained on those 16: the labeller."""
+    rows = make_dataset(workspace / "photos")
+    store_answers(workspace / "distill.db", rows[::3] + rows[1::3])
+    train(config(workspace, epochs=1, out="labeller"))
+    return workspace, {sha for sha, *_ in rows[2::3]}
+
+
+def test_pseudo_labelled_images_train_but_never_validate(labelled):
+    root, waiting = labelled
+    summary = train(config(root, epochs=1, pseudo_labels="labeller", out="noisy"))
+    supervised = json.loads((root / "labeller/config.json").read_text())
+    assert summary["pseudo_labelled"] == len(waiting) == 8 and summary["unlabeled_used"] == 0
+    alone = prepare_data(config(root, out="x"), None)
+    assert summary["images"]["val"] == int(alone.is_val.sum())  # validation: the teacher's answers only
+    assert summary["images"]["train"] == int((~alone.is_val).sum()) + 8
+    saved = np.load(root / "noisy" / PSEUDO_FILE)
+    assert set(saved["shas"]) == waiting
+    expected = predict("labeller", alone, "cpu")  # the labeller's softmax, in the order of alone.unlabeled
+    order = [list(saved["shas"]).index(sha) for sha, _ in alone.unlabeled]
+    assert np.allclose(saved["targets"][order], expected, atol=1e-5)
+    assert np.allclose(saved["targets"].sum(axis=1), 1, atol=1e-4) and supervised["pseudo_labels"] is None
+
+
+def test_resume_with_pseudo_labels_repeats_an_uninterrupted_run_without_the_labeller(labelled):
+    root, _ = labelled
+    flags = dict(pseudo_labels="labeller", epochs=2)
+    train(config(root, out="straight", **flags))
+    with pytest.raises(KeyboardInterrupt):
+        train(config(root, out="resumed", **flags), progress=_stop_after(1))
+    (root / "labeller/model.pt").rename(root / "labeller/gone.pt")  # resume reads the saved targets
+    train(config(root, out="resumed", resume=True, **flags))
+    straight = torch.load(root / "straight/last.pt", weights_only=True)
+    resumed = torch.load(root / "resumed/last.pt", weights_only=True)
+    for key, value in straight["model"].items():
+        assert torch.allclose(value.float(), resumed["model"][key].float()), key
+
+
+def test_a_labeller_with_other_classes_or_no_student_is_a_one_line_error(labelled):
+    root, _ = labelled
+    with pytest.raises(DistillError, match="no student at"):
+        train(config(root, pseudo_labels="nowhere", out="a"))
+    with pytest.raises(DistillError, match="predicts 4 classes .* trains on 5"):
+        train(config(root, pseudo_labels="labeller", other=True, out="b"))
