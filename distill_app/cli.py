@@ -379,9 +379,8 @@ def loop(
     budget: int = typer.Option(..., min=1, help="Calls in all, over every round."),
     rounds: int = typer.Option(..., min=1, help="Harvest-then-train rounds; each spends budget/rounds."),
     select: str = typer.Option("uncertainty", help="How rounds after the first choose: uncertainty, diversity, "
-                               "hybrid (with the previous round's student), typical (always on the local model's "
-                               "features), random or balanced. Round 1: k-center for diversity, typical for typical "
-                               "and hybrid, else random."),
+                               "typical, hybrid (with the previous round's student), random or balanced. Round 1: "
+                               "k-center for diversity, typical for typical and hybrid, else random."),
     db: Optional[str] = typer.Option(None, help=DB_HELP),
     endpoint: Optional[str] = typer.Option(None, help="Teacher endpoint URL (remote teachers)."),
     top_k: Optional[int] = typer.Option(None, min=1, help="Labels per answer (remote teachers)."),

@@ -3,8 +3,7 @@ brings the answered images up to ``budget * round / rounds`` (harvest, ordered b
 the previous round's student as the selector), then trains a student on all answers so far into
 ``out/round-<r>``. Round 1 has no student yet: on the local EfficientNet-Lite0's features it
 takes a k-center sample when ``select`` is diversity, a typical one (``typical``) when it is
-typical or hybrid, else a random one. ``typical`` stays on the local model's features in every
-round (TypiClust's fixed embedding), never the student's. Hybrid starts typical because k-center's first picks are
+typical or hybrid, else a random one. Hybrid starts typical because k-center's first picks are
 the pool's outliers: on Imagenette its 250-photo round-1 students were 6 points (ImageNet init)
 to 18 points (random init) below random's (BENCHMARKS.md, active selection). With
 ``warm_start`` each later round starts from the previous round's student.
@@ -28,10 +27,7 @@ from typing import Callable
 
 from .errors import DistillError
 
-MODEL_BASED = ("uncertainty", "diversity", "hybrid")  # later rounds select with the latest student
-# typical (TypiClust) keeps the local EfficientNet-Lite0's features in every round, as the paper keeps
-# one fixed self-supervised embedding: a random-init student's features after 250 calls are too weak
-# to cluster on (BENCHMARKS.md, active selection). Its embeddings are cached, so later rounds are cheap.
+MODEL_BASED = ("uncertainty", "diversity", "typical", "hybrid")
 FIRST_ROUND = {"diversity": "diversity", "typical": "typical", "hybrid": "typical"}  # else random
 ROUND_FILE = "round.json"  # in out/round-<r>: the finished round's row
 
@@ -79,7 +75,7 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] = print) -> dict:
             row = {**json.loads((run / ROUND_FILE).read_text(encoding="utf-8")), "sent": 0}
         else:
             have = harvest(replace(base, dry_run=True))["already_cached"]
-            strategy = cfg.select if selector or cfg.select == "typical" else FIRST_ROUND.get(cfg.select, "random")
+            strategy = cfg.select if selector else FIRST_ROUND.get(cfg.select, "random")
             sent = answered = 0
             if target > have:
                 h = harvest(replace(base, max_calls=target - have, select=strategy,

@@ -123,23 +123,3 @@ def test_hybrid_starts_typical_and_every_round_starts_from_init(tmp_path, monkey
         assert json.loads((tmp_path / f"runs/loop/round-{r}/config.json").read_text())["init"] == "init.pt"
     bad = CliRunner().invoke(app, [*LOOP, "--images", "photos", "--pretrained", "maybe"])
     assert bad.exit_code == 2 and "choose one of auto, on, off" in bad.output  # a usage error, as for train
-
-
-def test_typical_keeps_the_local_features_in_every_round(tmp_path, monkeypatch):
-    """TypiClust's fixed embedding: round 2 of --select typical clusters the local model's
-    features again (no student as the selector), and still pays only what round 2 lacks."""
-    monkeypatch.chdir(tmp_path)
-    write_photos(tmp_path / "photos", per_class=5)
-    flags = [*LOOP, "--images", "photos"]
-    flags[flags.index("uncertainty")] = "typical"
-    result = CliRunner().invoke(app, flags)
-    assert result.exit_code == 0, result.output
-    rounds = json.loads(result.stdout.strip().splitlines()[-1])["rounds"]
-    assert [r["strategy"] for r in rounds] == ["typical", "typical"] and [r["sent"] for r in rounds] == [3, 3]
-    store = open_store("distill.db", create=False)
-    try:
-        chosen = list(store.db["selections"].rows)
-    finally:
-        store.close()
-    assert sorted({(r["round"], r["strategy"], r["selector"]) for r in chosen}) == [(1, "typical", None), (2, "typical", None)]
-    assert calls("distill.db") == 6
