@@ -381,12 +381,14 @@ def test_ema_weights_are_what_model_pt_holds_when_they_agree_better(dataset):
 
 
 def test_ema_run_picks_the_ema_weights_when_they_are_better(dataset, monkeypatch):
-    """is_better decides, so with the live weights made to look worse, model.pt holds the EMA's."""
+    """is_better decides, so with the live weights made to look worse (and the EMA's better every
+    epoch, so that model.pt is the final epoch's whatever the real figures), model.pt holds the EMA's."""
     from distill_app.training import trainer
 
     real = trainer.evaluate
     monkeypatch.setattr(trainer, "evaluate", lambda run, model=None: (
-        real(run, model) if model is not None else {**real(run), "val_agreement": -1.0}))
+        {**real(run, model), "val_agreement": float(run.epoch)} if model is not None
+        else {**real(run), "val_agreement": -1.0}))
     train(config(dataset, epochs=2, ema=0.5, out="ema-wins"))
     ckpt = torch.load(dataset / "ema-wins/last.pt", weights_only=True)
     model, _ = open_student(dataset / "ema-wins")
