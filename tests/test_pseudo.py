@@ -4,14 +4,15 @@ reached, they train beside the answered ones, never in validation; resume repeat
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from distill_app.errors import DistillError
-from distill_app.training.pseudo import PSEUDO_FILE, predict
 from distill_app.training.data import prepare_data
+from distill_app.training.pseudo import PSEUDO_FILE, predict
 from distill_app.training.trainer import train
 from test_train import _stop_after, config, make_dataset, store_answers
 
@@ -69,3 +70,41 @@ def test_a_labeller_with_other_classes_or_no_student_is_a_one_line_error(labelle
         train(config(root, pseudo_labels="nowhere", out="a"))
     with pytest.raises(DistillError, match="predicts 4 classes .* trains on 5"):
         train(config(root, pseudo_labels="labeller", other=True, out="b"))
+
+
+def test_pseudo_rows_merge_in_hash_order_with_their_own_path_and_target(tmp_path, monkeypatch):
+    """Every per-row array moves with its hash: the merged data stays sorted, and each pseudo row
+    carries its own path, the labeller's target and its argmax, in the training split."""
+    from distill_app.training import pseudo
+    from distill_app.training.data import TrainData
+
+    eye = np.eye(3, dtype=np.float32)
+    data = TrainData(shas=["b", "d"], paths=["pb", "pd"], soft_targets=eye[[0, 1]],
+                     hard_labels=np.array([0, 1]), teacher_top1=np.array([0, 1]),
+                     is_val=np.array([False, True]), classes=["x", "y", "z"], label_map=None,
+                     unlabeled=[("e", "pe"), ("a", "pa"), ("c", "pc")])
+    given = {"e": [0.1, 0.2, 0.7], "a": [0.6, 0.3, 0.1], "c": [0.2, 0.5, 0.3]}
+    monkeypatch.setattr(pseudo, "predict", lambda labeller, d, device, batch: np.array(
+        [given[sha] for sha, _ in d.unlabeled], np.float32))
+    merged = pseudo.add_pseudo_labels(data, "labeller", tmp_path, resume=False)
+    assert merged.shas == ["a", "b", "c", "d", "e"] and merged.unlabeled == []
+    assert merged.paths == ["pa", "pb", "pc", "pd", "pe"]
+    assert merged.is_val.tolist() == [False, False, False, True, False]
+    for i, sha in enumerate(merged.shas):
+        target = given.get(sha, eye[{"b": 0, "d": 1}.get(sha, 0)])
+        assert np.allclose(merged.soft_targets[i], target), sha
+        assert merged.hard_labels[i] == merged.teacher_top1[i] == int(np.argmax(target))
+    assert merged.counts["pseudo_labelled"] == 3
+    # Resume reads the saved targets back; a different set of waiting images is a new run.
+    monkeypatch.setattr(pseudo, "predict", None)
+    again = pseudo.add_pseudo_labels(data, "gone", tmp_path, resume=True)
+    assert again.shas == merged.shas and np.array_equal(again.soft_targets, merged.soft_targets)
+    for unlabeled in ([("e", "pe"), ("a", "pa")], []):
+        with pytest.raises(DistillError, match="start a new run"):
+            pseudo.add_pseudo_labels(replace(data, unlabeled=unlabeled), "gone", tmp_path, resume=True)
+
+
+def test_pseudo_labels_with_unlabeled_auto_is_refused(labelled):
+    root, _ = labelled
+    with pytest.raises(DistillError, match="choose one"):
+        train(config(root, pseudo_labels="labeller", unlabeled="auto", out="both"))

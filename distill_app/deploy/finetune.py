@@ -50,7 +50,9 @@ class FineTune:
 def fine_tune_data(meta: StudentFile, student_path: str, images: str | None, db: str | None, epochs: int,
                    batch_size: int, lr: float, device: str, seed: int) -> FineTune:
     """The student's images, targets and split, rebuilt from the store as the trainer builds them
-    (``images``/``db``: None for those the student was trained on)."""
+    (``images``/``db``: None for those the student was trained on). The teacher's answers only: a
+    --pseudo-labels run's pseudo rows are not rebuilt (recovering from pruning needs the paid
+    targets, not another student's guesses)."""
     config = meta.config
     images = images or config.get("images")
     if not images:

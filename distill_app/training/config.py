@@ -141,6 +141,8 @@ def check_config(cfg: TrainConfig) -> None:
                                    f"got {cfg.crop_scale}"),
         (cfg.mixup >= 0, f"--mixup must be >= 0 (the Beta distribution's alpha), got {cfg.mixup}"),
         (cfg.unlabeled in ("auto", "off"), f"--unlabeled must be auto or off, got {cfg.unlabeled!r}"),
+        (not (cfg.pseudo_labels and cfg.unlabeled == "auto"),
+         "--pseudo-labels and --unlabeled auto both claim the unanswered images: choose one"),
         (0 <= cfg.ema < 1, f"--ema must be in [0, 1) (the decay; 0 is off), got {cfg.ema}"),
         (0 < cfg.dsd_sparsity < 1, f"--dsd-sparsity must be between 0 and 1, got {cfg.dsd_sparsity}"),
         (cfg.dsd_phases is None or cfg.epochs is None or (cfg.dsd and len(cfg.dsd_phases) == 3

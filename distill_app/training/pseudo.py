@@ -32,17 +32,17 @@ log = logging.getLogger(__name__)
 PSEUDO_FILE = "pseudo_labels.npz"  # in the run folder: (shas, targets) the labeller gave
 
 
-def add_pseudo_labels(data: TrainData, labeller: str, out: Path, resume: bool, device: str = "auto",
-                      batch_size: int = 256) -> TrainData:
+def add_pseudo_labels(data: TrainData, labeller: str, out: Path, resume: bool,
+                      device: torch.device | str = "auto", batch_size: int = 256) -> TrainData:
     """``data`` with its unlabeled images moved into the training split, targets from ``labeller``
     (read back from the run folder when ``resume``)."""
-    if not data.unlabeled:
-        log.info("--pseudo-labels: every image has an answer; nothing to label")
-        return data
     saved = out / PSEUDO_FILE
     if resume and saved.exists():
         with np.load(saved) as f:
             shas, targets = [str(s) for s in f["shas"]], f["targets"]
+    elif not data.unlabeled:
+        log.info("--pseudo-labels: every image has an answer; nothing to label")
+        return replace(data, counts={**data.counts, "pseudo_labelled": 0})
     else:
         shas = [sha for sha, _ in data.unlabeled]
         targets = predict(labeller, data, device, batch_size)
@@ -51,9 +51,9 @@ def add_pseudo_labels(data: TrainData, labeller: str, out: Path, resume: bool, d
         np.savez(tmp, shas=np.array(shas), targets=targets)
         tmp.replace(saved)
     paths = dict(data.unlabeled)
-    if set(shas) != set(paths):
-        raise DistillError(f"{saved} labels other images than the run's unlabeled ones "
-                           "(the folder or the store changed since): start a new run")
+    if set(shas) != set(paths) or targets.shape != (len(shas), len(data.classes)):
+        raise DistillError(f"{saved} labels other images or classes than the run's unlabeled ones "
+                           "(the folder, the store or the label map changed since): start a new run")
     merged = np.array(data.shas + shas)
     order = np.argsort(merged)  # TrainData stays sorted by hash
     every_path = data.paths + [paths[s] for s in shas]
@@ -70,7 +70,8 @@ def add_pseudo_labels(data: TrainData, labeller: str, out: Path, resume: bool, d
 
 
 @torch.no_grad()
-def predict(labeller: str, data: TrainData, device: str = "auto", batch_size: int = 256) -> np.ndarray:
+def predict(labeller: str, data: TrainData, device: torch.device | str = "auto",
+            batch_size: int = 256) -> np.ndarray:
     """(U, C) float32: the labeller's softmax on each unlabeled image (centre crop, its resolution)."""
     from .checkpoint import open_student
 
@@ -79,7 +80,7 @@ def predict(labeller: str, data: TrainData, device: str = "auto", batch_size: in
         raise DistillError(f"--pseudo-labels {labeller} predicts {len(meta.classes)} classes "
                            f"({', '.join(meta.classes[:3])}, ...), this run trains on {len(data.classes)} "
                            f"({', '.join(data.classes[:3])}, ...): train it with the same label map")
-    dev = resolve_device(device)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)  # the trainer passes its rank's
     model = model.to(dev).eval()
     s = meta.student
     shas, paths = map(list, zip(*data.unlabeled))

@@ -238,8 +238,10 @@ def freed_memory_kept():
             malloc_trim(0)
 
 
-def _setup(cfg: TrainConfig, progress: Progress | None) -> tuple[TrainConfig, Path, TrainData]:
-    """Rank 0's part: the run folder, the resolved configuration, the data."""
+def _setup(cfg: TrainConfig, progress: Progress | None, device: torch.device | str = "auto",
+           ) -> tuple[TrainConfig, Path, TrainData]:
+    """Rank 0's part: the run folder, the resolved configuration, the data (``device``: rank 0's,
+    where the --pseudo-labels labeller runs)."""
     out = resolve_out(cfg)
     # A copy: the caller's object is left as it was given.
     cfg = replace(cfg, out=str(out), teachers=[normalise_teacher(t) for t in cfg.teachers])
@@ -247,7 +249,7 @@ def _setup(cfg: TrainConfig, progress: Progress | None) -> tuple[TrainConfig, Pa
         cfg = resumed_config(cfg, load_checkpoint(out / CHECKPOINT_FILE), out)
     data = prepare_data(cfg, progress)
     if cfg.pseudo_labels:
-        data = add_pseudo_labels(data, cfg.pseudo_labels, out, cfg.resume, cfg.device)
+        data = add_pseudo_labels(data, cfg.pseudo_labels, out, cfg.resume, device)
     if cfg.epochs is None:
         cfg = replace(cfg, epochs=auto_epochs(int((~data.is_val).sum()), cfg.batch_size))
         log.info("--epochs %d: about %d steps over %d training images (config.auto_epochs)", cfg.epochs,
@@ -285,7 +287,7 @@ def dsd_phase(run: Run, epoch: int) -> str | None:
 
 
 def _train(cfg: TrainConfig, ranks: Ranks, progress: Progress | None, started: float) -> dict:
-    cfg, out, data = on_main(ranks, lambda: _setup(cfg, progress))
+    cfg, out, data = on_main(ranks, lambda: _setup(cfg, progress, ranks.device))
     ckpt = load_checkpoint(out / CHECKPOINT_FILE) if cfg.resume else None  # every rank: the same weights
     pixels = _pixels(data, cfg.image_size, ranks, progress)
     run = build_run(cfg, data, pixels, ckpt, ranks)
