@@ -18,6 +18,7 @@ Recipes (product defaults except what is named):
   random-noisy the same photos and store, with --pseudo-labels the same budget and seed's `random`
               run (trained first when missing): Noisy Student, one round
   random-noisy2 a second round: random-noisy's run is the labeller
+  random-noisy-rrc random-noisy with --crop-scale 0.35: more noise on the student
   imagenet    MobileNetV2 x1.0 at 112 px, --init ../shared/weights/mobilenetv2_100_imagenet.pt
   imagenet64  MobileNetV2 x1.0 at 64 px, the same init: about the MACs of x0.5 at 112 px
   imagenet160 MobileNetV2 x1.0 at 160 px, the same init (closer to the 224 px it was trained at)
@@ -67,6 +68,9 @@ RECIPES = {
     # Noisy Student: the same seed's `random` run labels the unanswered photos (--pseudo-labels).
     "random-noisy": {"width": 0.5, "image_size": 112, "pretrained": "off", "pseudo_labels": "random"},
     "random-noisy2": {"width": 0.5, "image_size": 112, "pretrained": "off", "pseudo_labels": "random-noisy"},
+    # Noisy Student with more noise on the student (random-resized crop), the same labeller.
+    "random-noisy-rrc": {"width": 0.5, "image_size": 112, "pretrained": "off", "pseudo_labels": "random",
+                         "crop_scale": 0.35},
     "imagenet": {"width": 1.0, "image_size": 112, "init": INIT},
     "imagenet64": {"width": 1.0, "image_size": 64, "init": INIT},
     "imagenet160": {"width": 1.0, "image_size": 160, "init": INIT},
