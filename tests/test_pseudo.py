@@ -14,24 +14,16 @@ from distill_app.errors import DistillError
 from distill_app.training.data import prepare_data
 from distill_app.training.pseudo import PSEUDO_FILE, predict
 from distill_app.training.trainer import train
-from test_train import _stop_after, config, make_dataset, store_answers
-
-
-@pytest.fixture(autouse=True)
-def workspace(tmp_path, monkeypatch):
-    monkeypatch.setenv("DISTILL_CACHE_DIR", str(tmp_path / "pixel-cache"))
-    monkeypatch.delenv("DISTILL_DB", raising=False)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+from test_train import _stop_after, config, make_dataset, store_answers, workspace  # noqa: F401  (fixtures)
 
 
 @pytest.fixture
-def labelled(workspace):
+def labelled(tmp_path):  # tmp_path is the autouse workspace (test_train), the current folder
     """24 photos, 16 answered, and a student trained on those 16: the labeller."""
-    rows = make_dataset(workspace / "photos")
-    store_answers(workspace / "distill.db", rows[::3] + rows[1::3])
-    train(config(workspace, epochs=1, out="labeller"))
-    return workspace, {sha for sha, *_ in rows[2::3]}
+    rows = make_dataset(tmp_path / "photos")
+    store_answers(tmp_path / "distill.db", rows[::3] + rows[1::3])
+    train(config(tmp_path, epochs=1, out="labeller"))
+    return tmp_path, {sha for sha, *_ in rows[2::3]}
 
 
 def test_pseudo_labelled_images_train_but_never_validate(labelled):
