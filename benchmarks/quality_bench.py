@@ -167,7 +167,7 @@ def train_and_eval(args, db: str, subset: Path, budget: int, recipe: str, seed: 
     flags = dict(RECIPES[recipe])
     if "pseudo_labels" in flags:  # the labeller: that recipe's run on the budget's photos, trained first
         labeller = work / "runs" / f"b{budget}-{flags['pseudo_labels']}-e{args.epochs or 'auto'}-s{seed}"
-        if not (labeller / "model.pt").exists():
+        if not finished(labeller):  # model.pt is there from the first epoch: a killed run finishes first
             train_and_eval(args, db, subset, budget, flags["pseudo_labels"], seed, work)
         flags["pseudo_labels"] = str(labeller)
     if flags.get("unlabeled") == "auto" or "pseudo_labels" in flags:
@@ -192,6 +192,15 @@ def train_and_eval(args, db: str, subset: Path, budget: int, recipe: str, seed: 
                          for i, m in enumerate(history)]}
     print(json.dumps(row), file=sys.stderr, flush=True)
     return row
+
+
+def finished(run: Path) -> bool:
+    """Whether the run folder holds every epoch its configuration resolved."""
+    try:
+        epochs = json.loads((run / "config.json").read_text())["epochs"]
+        return len((run / "metrics.jsonl").read_text().splitlines()) >= epochs
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def final_epoch_accuracy(out: Path, val: str, db: str) -> float:
