@@ -238,8 +238,8 @@ def freed_memory_kept():
             malloc_trim(0)
 
 
-def _setup(cfg: TrainConfig, progress: Progress | None, device: torch.device | str = "auto",
-           ) -> tuple[TrainConfig, Path, TrainData]:
+def _setup(cfg: TrainConfig, progress: Progress | None,
+           device: torch.device | str = "auto") -> tuple[TrainConfig, Path, TrainData]:
     """Rank 0's part: the run folder, the resolved configuration, the data (``device``: rank 0's,
     where the --pseudo-labels labeller runs)."""
     out = resolve_out(cfg)
