@@ -19,6 +19,9 @@ Recipes (product defaults except what is named):
               run (trained first when missing): Noisy Student, one round
   random-noisy2 a second round: random-noisy's run is the labeller
   random-noisy-rrc random-noisy with --crop-scale 0.35: more noise on the student
+  random-noisy-warm random-noisy whose student starts from the labeller's weights
+  default     the product's defaults on all 4,000 training photos and the budget's store: --unlabeled
+              auto trains a labeller on the answers (its figure: labeller_accuracy), then the student
   imagenet    MobileNetV2 x1.0 at 112 px, --init ../shared/weights/mobilenetv2_100_imagenet.pt
   imagenet64  MobileNetV2 x1.0 at 64 px, the same init: about the MACs of x0.5 at 112 px
   imagenet160 MobileNetV2 x1.0 at 160 px, the same init (closer to the 224 px it was trained at)
@@ -64,13 +67,19 @@ RECIPES = {
     "random-ema": {"width": 0.5, "image_size": 112, "pretrained": "off", "ema": 0.999},
     "random-mixup": {"width": 0.5, "image_size": 112, "pretrained": "off", "mixup": 0.2},
     "random-rrc": {"width": 0.5, "image_size": 112, "pretrained": "off", "crop_scale": 0.35},
-    "random-semi": {"width": 0.5, "image_size": 112, "pretrained": "off", "unlabeled": "auto"},
+    "random-semi": {"width": 0.5, "image_size": 112, "pretrained": "off", "unlabeled": "fixmatch"},
     # Noisy Student: the same seed's `random` run labels the unanswered photos (--pseudo-labels).
     "random-noisy": {"width": 0.5, "image_size": 112, "pretrained": "off", "pseudo_labels": "random"},
     "random-noisy2": {"width": 0.5, "image_size": 112, "pretrained": "off", "pseudo_labels": "random-noisy"},
     # Noisy Student with more noise on the student (random-resized crop), the same labeller.
     "random-noisy-rrc": {"width": 0.5, "image_size": 112, "pretrained": "off", "pseudo_labels": "random",
                          "crop_scale": 0.35},
+    # Noisy Student whose student starts from its labeller's weights (as `distill loop --warm-start` does).
+    "random-noisy-warm": {"width": 0.5, "image_size": 112, "pretrained": "off", "pseudo_labels": "random",
+                          "warm": True},
+    # The product's defaults with the unanswered photos beside the answered ones: --unlabeled auto, which
+    # trains its own labeller (reported as `labeller`, the supervised figure of the same command) first.
+    "default": {"width": 0.5, "image_size": 112, "pretrained": "off", "unanswered": True},
     "imagenet": {"width": 1.0, "image_size": 112, "init": INIT},
     "imagenet64": {"width": 1.0, "image_size": 64, "init": INIT},
     "imagenet160": {"width": 1.0, "image_size": 160, "init": INIT},
@@ -165,12 +174,15 @@ def budget_store(db: str, train_dir: Path, budget: int, work: Path) -> str:
 def train_and_eval(args, db: str, subset: Path, budget: int, recipe: str, seed: int, work: Path) -> dict:
     out = work / "runs" / f"b{budget}-{recipe}-e{args.epochs or 'auto'}-s{seed}"
     flags = dict(RECIPES[recipe])
+    unanswered, warm = flags.pop("unanswered", False), flags.pop("warm", False)
     if "pseudo_labels" in flags:  # the labeller: that recipe's run on the budget's photos, trained first
         labeller = work / "runs" / f"b{budget}-{flags['pseudo_labels']}-e{args.epochs or 'auto'}-s{seed}"
         if not finished(labeller):  # model.pt is there from the first epoch: a killed run finishes first
             train_and_eval(args, db, subset, budget, flags["pseudo_labels"], seed, work)
         flags["pseudo_labels"] = str(labeller)
-    if flags.get("unlabeled") == "auto" or "pseudo_labels" in flags:
+        if warm:
+            flags.update(init=str(labeller / "model.pt"), backbone_lr=1.0)
+    if unanswered or flags.get("unlabeled") == "fixmatch" or "pseudo_labels" in flags:
         # the same labelled photos, the others unanswered beside them
         subset, db = Path(args.data) / "train", budget_store(db, Path(args.data) / "train", budget, work)
     cfg = TrainConfig(images=str(subset), db=db, teachers=[TEACHER], label_map=args.label_map,
@@ -188,8 +200,13 @@ def train_and_eval(args, db: str, subset: Path, budget: int, recipe: str, seed: 
            "teacher_accuracy": t["accuracy"], "compared": t["compared"], "agreement": t["agreement"],
            "ratio": round(t["student_accuracy"] / t["accuracy"], 4) if t["accuracy"] else None,
            "macs": e["model"]["macs"], "parameters": e["model"]["parameters"],
+           "unlabeled": summary["unlabeled"], "unlabeled_used": summary["unlabeled_used"],
            "val_curve": [(round(sum(h["epoch_seconds"] for h in history[:i + 1]), 1), round(m["val_accuracy"], 4))
                          for i, m in enumerate(history)]}
+    if "labeller" in summary:  # --unlabeled auto's first run: the supervised student of the same command
+        lab = evaluate(summary["labeller"]["out"], str(Path(args.data) / "val"), db_path=db, latency=False)["teacher"]
+        row.update(labeller_accuracy=lab["student_accuracy"], labeller_train_s=summary["labeller"]["seconds"],
+                   gain=round(t["student_accuracy"] - lab["student_accuracy"], 4))
     print(json.dumps(row), file=sys.stderr, flush=True)
     return row
 

@@ -158,8 +158,11 @@ def train(
                                 "Beta(alpha, alpha) weights (0: off)."),
     ema: float = typer.Option(0.0, min=0.0, max=0.99999, help="Keep an exponential moving average of the weights "
                               "with this decay (e.g. 0.999; 0: off); model.pt keeps it when it agrees better."),
-    unlabeled: str = typer.Option("off", help="auto: also learn from the images under --images with no usable "
-                                  "answer (semi-supervised consistency); off: never."),
+    unlabeled: str = typer.Option("auto", help="The images under --images with no usable answer: noisy (Noisy "
+                                  "Student: a first student trained on the answers, in OUT/labeller, labels them, "
+                                  "then this one trains on both; about twice the time), fixmatch (consistency "
+                                  "training), off, or auto (noisy when they are at least a quarter as many as the "
+                                  "answered images, else off)."),
     pseudo_labels: Optional[Path] = typer.Option(None, "--pseudo-labels", help="A trained student (run folder "
                                                  "or model.pt): its predictions become the targets of the images "
                                                  "with no usable answer, which then train too (Noisy Student)."),
@@ -174,11 +177,12 @@ def train(
     from .training.distributed import is_main_process
     from students import PRETRAINED_MODES
 
+    from .training.config import UNLABELED
     from .training.trainer import TrainConfig, train as run_train
 
     _check_choice("--targets", targets, ("soft", "hard"))
     _check_choice("--loss", loss, ("mse", "logit-mse", "kl"))
-    _check_choice("--unlabeled", unlabeled, ("auto", "off"))
+    _check_choice("--unlabeled", unlabeled, UNLABELED)
     _check_choice("--pretrained", pretrained, PRETRAINED_MODES)
     cfg = TrainConfig(
         images=str(images), db=db, teachers=list(teacher or ["local"]),

@@ -84,7 +84,10 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] = print) -> dict:
                 h = harvest(replace(base, max_calls=target - have, select=strategy,
                                     selector=selector if strategy in MODEL_BASED and selector else None))
                 sent, answered = h["sent"], h["succeeded"]
-            flags = dict(cfg.train)
+            # A round trains on its answers alone unless told otherwise: the rest of the pool is what the
+            # next round chooses from, and Noisy Student on it (train's --unlabeled auto) would double every
+            # round's training for a student that only has to select.
+            flags = {"unlabeled": "off", **cfg.train}
             if cfg.warm_start and selector:
                 flags.update(init=str(Path(selector) / "model.pt"), backbone_lr=1.0, pretrained="off")
             t = train(TrainConfig(images=cfg.images, db=cfg.db, teachers=[cfg.teacher], out=str(run),

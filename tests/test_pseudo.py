@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +13,10 @@ import torch
 
 from distill_app.errors import DistillError
 from distill_app.training.data import prepare_data
-from distill_app.training.pseudo import PSEUDO_FILE, predict
+from distill_app.training.pseudo import LABELLER_DIR, PSEUDO_FILE, predict
 from distill_app.training.trainer import train
-from test_train import _stop_after, config, make_dataset, store_answers, workspace  # noqa: F401  (fixtures)
+from test_train import (_stop_after, config, make_dataset, part_answered, store_answers,  # noqa: F401  (fixtures)
+                        workspace)
 
 
 @pytest.fixture
@@ -22,7 +24,7 @@ def labelled(tmp_path):  # tmp_path is the autouse workspace (test_train), the c
     """24 photos, 16 answered, and a student trained on those 16: the labeller."""
     rows = make_dataset(tmp_path / "photos")
     store_answers(tmp_path / "distill.db", rows[::3] + rows[1::3])
-    train(config(tmp_path, epochs=1, out="labeller"))
+    train(config(tmp_path, epochs=1, out="labeller", unlabeled="off"))
     return tmp_path, {sha for sha, *_ in rows[2::3]}
 
 
@@ -30,7 +32,8 @@ def test_pseudo_labelled_images_train_but_never_validate(labelled):
     root, waiting = labelled
     summary = train(config(root, epochs=1, pseudo_labels="labeller", out="noisy"))
     supervised = json.loads((root / "labeller/config.json").read_text())
-    assert summary["pseudo_labelled"] == len(waiting) == 8 and summary["unlabeled_used"] == 0
+    assert summary["pseudo_labelled"] == summary["unlabeled_used"] == len(waiting) == 8
+    assert summary["unlabeled"] == "noisy" and "labeller" not in summary  # the labeller was given
     alone = prepare_data(config(root, out="x"), None)
     assert summary["images"]["val"] == int(alone.is_val.sum())  # validation: the teacher's answers only
     assert summary["images"]["train"] == int((~alone.is_val).sum()) + 8
@@ -96,7 +99,97 @@ def test_pseudo_rows_merge_in_hash_order_with_their_own_path_and_target(tmp_path
             pseudo.add_pseudo_labels(replace(data, unlabeled=unlabeled), "gone", tmp_path, resume=True)
 
 
-def test_pseudo_labels_with_unlabeled_auto_is_refused(labelled):
+def test_pseudo_labels_with_fixmatch_or_off_is_refused(labelled):
     root, _ = labelled
-    with pytest.raises(DistillError, match="choose one"):
-        train(config(root, pseudo_labels="labeller", unlabeled="auto", out="both"))
+    for unlabeled in ("fixmatch", "off"):
+        with pytest.raises(DistillError, match="choose one"):
+            train(config(root, pseudo_labels="labeller", unlabeled=unlabeled, out="both"))
+
+
+# -- --unlabeled auto (the default): Noisy Student in one command ----------------------------------
+
+
+def _stop_at_epoch_call(n):
+    """A progress callback that interrupts at the ``n``-th finished epoch, counted over both runs
+    (the labeller's epochs come first)."""
+    seen = []
+
+    def stop(epoch, step, steps, info):
+        if info.get("phase") == "epoch":
+            seen.append(epoch)
+            if len(seen) >= n:
+                raise KeyboardInterrupt
+    return stop
+
+
+def test_unlabeled_auto_trains_a_labeller_then_learns_its_labels_never_validating_on_them(part_answered):
+    root, waiting = part_answered
+    summary = train(config(root, epochs=1, out="run"))  # no --unlabeled: the default, auto
+    assert summary["unlabeled"] == "noisy" and summary["unlabeled_used"] == summary["pseudo_labelled"] == 8
+    assert summary["labeller"]["out"] == str(Path("run") / LABELLER_DIR) and summary["labeller"]["epochs"] == 1
+    first = json.loads((root / "run" / LABELLER_DIR / "config.json").read_text())
+    second = json.loads((root / "run/config.json").read_text())
+    assert first["unlabeled"] == "off" and first["pseudo_labels"] is None  # the labeller: answers only
+    assert second["unlabeled"] == "noisy" and second["pseudo_labels"] == str(Path("run") / LABELLER_DIR)
+    alone = prepare_data(config(root, out="x"), None)
+    assert summary["images"]["val"] == int(alone.is_val.sum())  # validation: the teacher's answers only
+    assert summary["images"]["train"] == int((~alone.is_val).sum()) + len(waiting)
+    saved = np.load(root / "run" / PSEUDO_FILE)
+    assert set(saved["shas"]) == waiting  # the unanswered images, and only those
+    expected = predict(str(root / "run" / LABELLER_DIR), alone, "cpu")
+    order = [list(saved["shas"]).index(sha) for sha, _ in alone.unlabeled]
+    assert np.allclose(saved["targets"][order], expected, atol=1e-5)
+    lines = [json.loads(x) for x in (root / "run/metrics.jsonl").read_text().splitlines()]
+    assert [m["unlabeled_used"] for m in lines] == [8]
+
+
+def test_predict_averages_the_labellers_softmax_over_the_image_and_its_mirror(part_answered, monkeypatch):
+    root, _ = part_answered
+    train(config(root, epochs=1, out="lab", unlabeled="off"))
+    from distill_app.training import checkpoint
+
+    _, meta = checkpoint.open_student("lab")
+
+    class LeftAgainstRight(torch.nn.Module):  # mirroring the image swaps its logits' sign
+        def forward(self, x):
+            half = x.shape[3] // 2
+            d = x[..., :half].mean(dim=(2, 3)) - x[..., -half:].mean(dim=(2, 3))  # (B, 3)
+            return torch.cat([d, -d.sum(1, keepdim=True)], dim=1) * 50  # 4 classes, like the run's
+
+    monkeypatch.setattr(checkpoint, "open_student", lambda path: (LeftAgainstRight(), meta))
+    data = prepare_data(config(root, out="x"), None)
+    from distill_app.data.pixels import load_pixels, to_input
+
+    shas, paths = map(list, zip(*data.unlabeled))
+    x = to_input(torch.from_numpy(np.array(load_pixels(shas, paths, meta.student.image_size))),
+                 meta.student.mean, meta.student.std)
+    plain, mirrored = (torch.softmax(LeftAgainstRight()(v), 1) for v in (x, x.flip(3)))
+    got = torch.from_numpy(predict("lab", data, "cpu"))
+    assert torch.allclose(got, (plain + mirrored) / 2, atol=1e-5)
+    assert (got - plain).abs().max() > 1e-2  # the mirror really counts
+
+
+def test_unlabeled_auto_with_few_unanswered_images_trains_once(workspace):
+    rows = make_dataset(workspace / "photos")
+    store_answers(workspace / "distill.db", rows[2:])  # 2 unanswered beside 22: under NOISY_MIN_SHARE
+    summary = train(config(workspace, epochs=1, out="run"))
+    assert summary["unlabeled"] == "off" and summary["unlabeled_used"] == 0 and summary["unanswered"] == 2
+    assert "labeller" not in summary and not (workspace / "run" / LABELLER_DIR).exists()
+
+
+def test_unlabeled_auto_killed_in_either_run_resumes_to_the_uninterrupted_result(part_answered):
+    root, _ = part_answered
+    train(config(root, out="straight", epochs=2))
+    for out, stop in (("in-labeller", 1), ("in-student", 3)):  # the labeller's epochs are calls 1 and 2
+        with pytest.raises(KeyboardInterrupt):
+            train(config(root, out=out, epochs=2), progress=_stop_at_epoch_call(stop))
+        with pytest.raises(DistillError, match="already holds a run"):
+            train(config(root, out=out, epochs=2))  # without --resume: refused, nothing overwritten
+        train(config(root, out=out, epochs=2, resume=True))
+        for run in (LABELLER_DIR, "."):
+            straight = torch.load(root / "straight" / run / "last.pt", weights_only=True)
+            resumed = torch.load(root / out / run / "last.pt", weights_only=True)
+            for key, value in straight["model"].items():
+                assert torch.allclose(value.float(), resumed["model"][key].float()), (out, run, key)
+    with pytest.raises(DistillError, match="nothing to resume"):
+        train(config(root, out="never", epochs=2, resume=True))

@@ -466,24 +466,25 @@ def part_answered(workspace):
 
 def test_unlabeled_images_are_used_only_when_present_and_never_as_labelled(part_answered):
     root, waiting = part_answered
-    summary = train(config(root, epochs=2, unlabeled="auto", ema=0.9, out="semi"))
+    summary = train(config(root, epochs=2, unlabeled="fixmatch", ema=0.9, out="semi"))
     assert summary["unlabeled_used"] == len(waiting) == 8 and summary["unanswered"] == 8
     assert summary["images"]["train"] + summary["images"]["val"] == 16  # labelled: the answered ones only
     lines = [json.loads(line) for line in (root / "semi/metrics.jsonl").read_text().splitlines()]
     assert all(m["unlabeled"] == 8 and 0 <= m["unlabeled_passed"] <= 1 for m in lines)
-    off = train(config(root, epochs=1, out="sup"))  # the default: off
+    off = train(config(root, epochs=1, out="sup", unlabeled="off"))
     assert off["unlabeled_used"] == 0 and "unlabeled" not in json.loads((root / "sup/metrics.jsonl").read_text())
 
 
 def test_unlabeled_auto_without_unlabeled_images_trains_supervised(dataset):
-    summary = train(config(dataset, epochs=1, unlabeled="auto", out="all-answered"))
-    assert summary["unlabeled_used"] == 0
+    summary = train(config(dataset, epochs=1, out="all-answered"))  # the default: auto
+    assert summary["unlabeled_used"] == 0 and summary["unlabeled"] == "off" and "labeller" not in summary
+    assert not (dataset / "all-answered/labeller").exists()
     assert "unlabeled" not in json.loads((dataset / "all-answered/metrics.jsonl").read_text())
 
 
 def test_resume_with_unlabeled_images_repeats_an_uninterrupted_run(part_answered):
     root, _ = part_answered
-    flags = dict(unlabeled="auto", epochs=2)
+    flags = dict(unlabeled="fixmatch", epochs=2)
     train(config(root, out="straight", **flags))
     with pytest.raises(KeyboardInterrupt):
         train(config(root, out="resumed", **flags), progress=_stop_after(1))

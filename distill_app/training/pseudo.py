@@ -1,8 +1,10 @@
 """Noisy Student self-training (Xie et al. 2020) on the images no call reached: ``--pseudo-labels RUN``.
 
-A student already trained on the answers (RUN: a run folder or ``model.pt`` with the same classes)
-labels each unlabeled image once: its softmax on the centre crop at its own resolution, soft and
-unsharpened (Noisy Student's soft pseudo-labels). Those rows join the training split, never the
+A student already trained on the answers (RUN: a run folder or ``model.pt`` with the same classes;
+with ``--unlabeled auto|noisy`` the trainer trains it first, in ``OUT/labeller``) labels each
+unlabeled image once: the mean of its softmax on the centre crop at its own resolution and on the
+mirrored crop (flip test-time augmentation: a better label for one more cheap forward pass), soft
+and unsharpened (Noisy Student's soft pseudo-labels). Those rows join the training split, never the
 validation split (which stays the teacher's answers), so the new student, trained with the run's
 augmentation as its noise, regresses the teacher's targets and the pseudo-targets alike. A pseudo
 row's hard label is the labeller's argmax, never its folder: nothing was paid for that image.
@@ -30,6 +32,7 @@ from .data import TrainData
 log = logging.getLogger(__name__)
 
 PSEUDO_FILE = "pseudo_labels.npz"  # in the run folder: (shas, targets) the labeller gave
+LABELLER_DIR = "labeller"  # --unlabeled noisy|auto: the first run, on the answers alone, inside the run folder
 
 
 def add_pseudo_labels(data: TrainData, labeller: str, out: Path, resume: bool,
@@ -72,7 +75,8 @@ def add_pseudo_labels(data: TrainData, labeller: str, out: Path, resume: bool,
 @torch.no_grad()
 def predict(labeller: str, data: TrainData, device: torch.device | str = "auto",
             batch_size: int = 256) -> np.ndarray:
-    """(U, C) float32: the labeller's softmax on each unlabeled image (centre crop, its resolution)."""
+    """(U, C) float32: the labeller's softmax on each unlabeled image (centre crop at its resolution,
+    averaged with the mirrored crop's)."""
     from .checkpoint import open_student
 
     model, meta = open_student(labeller)  # a DistillError when it is no student
@@ -89,6 +93,7 @@ def predict(labeller: str, data: TrainData, device: torch.device | str = "auto",
     out = []
     for start in range(0, len(shas), batch_size):
         x = to_input(torch.from_numpy(np.array(pixels[start:start + batch_size])).to(dev), s.mean, s.std)
-        out.append(torch.softmax(model(x).float(), dim=1).cpu())
+        probs = torch.softmax(model(x).float(), dim=1) + torch.softmax(model(x.flip(3)).float(), dim=1)
+        out.append((probs / 2).cpu())
     log.info("--pseudo-labels: %d images labelled in %.1fs", len(shas), time.monotonic() - started)
     return torch.cat(out).numpy()

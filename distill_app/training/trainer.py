@@ -42,11 +42,12 @@ from ..teachers.spec import normalise_teacher
 from . import dsd
 from .checkpoint import (CHECKPOINT_FILE, CONFIG_FILE, CURVES_FILE, METRICS_FILE, MODEL_FILE, StudentFile,
                          atomic_save, save_student)
-from .config import AUTO_STEPS, Progress, TrainConfig, auto_epochs, check_config, resumed_config
+from .config import (AUTO_STEPS, NOISY_MIN_SHARE, Progress, TrainConfig, auto_epochs, check_config,
+                     resumed_config)
 from .data import TrainData, prepare_data
 from .distributed import Ranks, join_processes, on_main
 from .loop import Run, check_batches, evaluate, new_run, train_epoch
-from .pseudo import add_pseudo_labels
+from .pseudo import LABELLER_DIR, add_pseudo_labels
 
 __all__ = ["TrainConfig", "train"]
 
@@ -77,9 +78,11 @@ def resolve_out(cfg: TrainConfig) -> Path:
         while Path("runs", f"{stem}-{n}").exists():
             n += 1
         out = Path("runs", f"{stem}-{n}")
-    if cfg.resume and not (out / CHECKPOINT_FILE).exists():
+    # A Noisy Student run killed while its labeller trained has only OUT/labeller/last.pt so far.
+    started = [p for p in (out / CHECKPOINT_FILE, out / LABELLER_DIR / CHECKPOINT_FILE) if p.exists()]
+    if cfg.resume and not started:
         raise DistillError(f"nothing to resume in {out}: no {CHECKPOINT_FILE}; drop --resume to start a new run")
-    if not cfg.resume and (out / CHECKPOINT_FILE).exists():
+    if not cfg.resume and started:
         raise DistillError(f"{out} already holds a run: pass --resume to continue it, or another --out")
     return out
 
@@ -186,7 +189,9 @@ def summarize(run: Run, out: Path, seconds: float) -> dict:
             "images": {"train": int((~data.is_val).sum()), "val": int(data.is_val.sum())},
             **data.counts, "classes": len(data.classes),
             "teachers": [normalise_teacher(t) for t in run.cfg.teachers], "weights": run.weights.source,
-            "unlabeled_used": 0 if run.unlabeled is None else len(run.unlabeled),
+            "unlabeled": run.cfg.unlabeled,  # what --unlabeled auto resolved to
+            # how many images without an answer taught this run (FixMatch's all, or the pseudo-labelled)
+            "unlabeled_used": len(run.unlabeled) if run.unlabeled is not None else data.counts.get("pseudo_labelled", 0),
             **({"unlabeled_passed": hist[-1].get("unlabeled_passed")} if run.unlabeled is not None and hist else {}),
             "seconds": round(seconds, 2), "images_per_s": round(float(np.mean(throughput)), 1) if throughput else None}
 
@@ -245,18 +250,55 @@ def _setup(cfg: TrainConfig, progress: Progress | None,
     out = resolve_out(cfg)
     # A copy: the caller's object is left as it was given.
     cfg = replace(cfg, out=str(out), teachers=[normalise_teacher(t) for t in cfg.teachers])
-    if cfg.resume:
+    if cfg.resume and (out / CHECKPOINT_FILE).exists():  # else only the labeller had started
         cfg = resumed_config(cfg, load_checkpoint(out / CHECKPOINT_FILE), out)
     data = prepare_data(cfg, progress)
+    cfg = replace(cfg, unlabeled=resolve_unlabeled(cfg, data))
+    out.mkdir(parents=True, exist_ok=True)
     if cfg.pseudo_labels:
         data = add_pseudo_labels(data, cfg.pseudo_labels, out, cfg.resume, device)
-    if cfg.epochs is None:
-        cfg = replace(cfg, epochs=auto_epochs(int((~data.is_val).sum()), cfg.batch_size))
-        log.info("--epochs %d: about %d steps over %d training images (config.auto_epochs)", cfg.epochs,
-                 AUTO_STEPS, int((~data.is_val).sum()))
-        check_config(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    return cfg, out, data
+    if cfg.unlabeled == "noisy" and not cfg.pseudo_labels:
+        return cfg, out, data  # the labeller trains first (_train); the epochs wait for its rows
+    return with_epochs(cfg, data), out, data
+
+
+def resolve_unlabeled(cfg: TrainConfig, data: TrainData) -> str:
+    """What --unlabeled auto means for this data (config.NOISY_MIN_SHARE); other values as given."""
+    if cfg.pseudo_labels:
+        return "noisy"
+    if cfg.unlabeled != "auto":
+        return cfg.unlabeled
+    answered = len(data.shas)
+    if data.unlabeled and len(data.unlabeled) >= NOISY_MIN_SHARE * answered:
+        log.info("--unlabeled auto: %d unanswered images beside %d answered: Noisy Student (a labeller in %s first)",
+                 len(data.unlabeled), answered, LABELLER_DIR)
+        return "noisy"
+    if data.unlabeled:
+        log.info("--unlabeled auto: %d unanswered images, under %.0f%% of the %d answered: trained on the answers only",
+                 len(data.unlabeled), 100 * NOISY_MIN_SHARE, answered)
+    return "off"
+
+
+def with_epochs(cfg: TrainConfig, data: TrainData) -> TrainConfig:
+    """``cfg`` with --epochs resolved from the training rows when it was left out (config.auto_epochs)."""
+    if cfg.epochs is not None:
+        return cfg
+    cfg = replace(cfg, epochs=auto_epochs(int((~data.is_val).sum()), cfg.batch_size))
+    log.info("--epochs %d: about %d steps over %d training images (config.auto_epochs)", cfg.epochs,
+             AUTO_STEPS, int((~data.is_val).sum()))
+    check_config(cfg)
+    return cfg
+
+
+def train_labeller(cfg: TrainConfig, out: Path, ranks: Ranks, progress: Progress | None) -> dict:
+    """Noisy Student's first run: the same flags on the answers alone, in OUT/labeller (resumed when
+    it has a checkpoint, read back when it has finished)."""
+    folder = out / LABELLER_DIR
+    labeller = replace(cfg, out=str(folder), unlabeled="off", pseudo_labels=None,
+                       resume=(folder / CHECKPOINT_FILE).exists())
+    if ranks.main:
+        log.info("Noisy Student, run 1 of 2: the labeller, on the answered images, into %s", folder)
+    return _train(labeller, ranks, progress, time.perf_counter())
 
 
 def _pixels(data: TrainData, size: int, ranks: Ranks, progress: Progress | None) -> np.ndarray:
@@ -288,10 +330,21 @@ def dsd_phase(run: Run, epoch: int) -> str | None:
 
 def _train(cfg: TrainConfig, ranks: Ranks, progress: Progress | None, started: float) -> dict:
     cfg, out, data = on_main(ranks, lambda: _setup(cfg, progress, ranks.device))
-    ckpt = load_checkpoint(out / CHECKPOINT_FILE) if cfg.resume else None  # every rank: the same weights
+    labeller = None
+    if cfg.unlabeled == "noisy" and not cfg.pseudo_labels:
+        labeller = train_labeller(cfg, out, ranks, progress)
+        cfg = replace(cfg, pseudo_labels=str(out / LABELLER_DIR))
+        data = on_main(ranks, lambda: add_pseudo_labels(data, cfg.pseudo_labels, out, cfg.resume, ranks.device))
+        cfg = with_epochs(cfg, data)
+        if ranks.main:
+            log.info("Noisy Student, run 2 of 2: %d answered + %d pseudo-labelled images, into %s",
+                     len(data.shas) - data.counts["pseudo_labelled"], data.counts["pseudo_labelled"], out)
+    # cfg.resume may be set while only the labeller had started: this run then begins afresh.
+    resume = cfg.resume and (out / CHECKPOINT_FILE).exists()
+    ckpt = load_checkpoint(out / CHECKPOINT_FILE) if resume else None  # every rank: the same weights
     pixels = _pixels(data, cfg.image_size, ranks, progress)
     run = build_run(cfg, data, pixels, ckpt, ranks)
-    if cfg.unlabeled == "auto" and data.unlabeled:
+    if cfg.unlabeled == "fixmatch" and data.unlabeled:
         shas, paths = map(list, zip(*data.unlabeled))
         run.unlabeled = _pixels(replace(data, shas=shas, paths=paths), cfg.image_size, ranks, progress)
     if ranks.main:
@@ -306,6 +359,8 @@ def _train(cfg: TrainConfig, ranks: Ranks, progress: Progress | None, started: f
         metrics = {"epoch": epoch, **train_epoch(run, epoch, progress), **evaluate(run)}
         if phase:
             metrics.update(dsd_phase=phase, sparsity=round(dsd.sparsity(run.model), 4))
+        if data.counts.get("pseudo_labelled"):  # Noisy Student: the unanswered images among the training rows
+            metrics.update(unlabeled_used=data.counts["pseudo_labelled"])
         metrics.update(step=run.step, epoch_seconds=time.perf_counter() - epoch_started)
         end_epoch(run, metrics, out)
         log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
@@ -315,4 +370,8 @@ def _train(cfg: TrainConfig, ranks: Ranks, progress: Progress | None, started: f
         from ..deploy.report import plot_curves  # matplotlib: imported only when needed
 
         plot_curves(run.history, out / CURVES_FILE)
-    return summarize(run, out, time.perf_counter() - started)
+    summary = summarize(run, out, time.perf_counter() - started)
+    if labeller is not None:
+        summary["labeller"] = {k: labeller[k] for k in ("out", "epochs", "best_epoch", "val_accuracy", "agreement",
+                                                         "seconds")}
+    return summary
