@@ -103,7 +103,8 @@ def write_csv(path: Path, rows: list[dict], top_k: int) -> None:
 
 def print_epoch(epoch: int, epochs: int, m: dict) -> None:
     phase = f"  {m['dsd_phase']} ({m['sparsity']:.0%} zero)" if "dsd_phase" in m else ""  # --dsd
-    err.print(f"epoch {epoch}/{epochs}  train loss {m['train_loss']:.4g}  val accuracy {m['val_accuracy']:.1%}  "
+    run = f"{m['run']} " if m.get("run") else ""  # --unlabeled noisy: the labeller's epochs come first
+    err.print(f"{run}epoch {epoch}/{epochs}  train loss {m['train_loss']:.4g}  val accuracy {m['val_accuracy']:.1%}  "
               f"agreement {m['val_agreement']:.1%}  {m['images_per_s']:.0f} images/s  {m['epoch_seconds']:.1f}s{phase}",
               markup=False)
 
@@ -116,6 +117,11 @@ def print_trained(s: dict) -> None:
     err.print(f"  {s['images']['train']} training + {s['images']['val']} validation images, {s['classes']} classes, "
               f"weights {s['weights']}; {s['unanswered']} unanswered, {s['unmapped']} unmapped, "
               f"{s['skipped']} files skipped", markup=False)
+    if s.get("labeller"):  # --unlabeled auto|noisy: Noisy Student's first run
+        lab = s["labeller"]
+        err.print(f"  Noisy Student: {s['unlabeled_used']} unanswered images labelled by {lab['out']} "
+                  f"(val accuracy {lab['val_accuracy']:.1%}, agreement {lab['agreement']:.1%}, {lab['seconds']:.0f}s)",
+                  markup=False)
 
 
 def print_compressed(r: dict) -> None:

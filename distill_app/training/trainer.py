@@ -298,7 +298,8 @@ def train_labeller(cfg: TrainConfig, out: Path, ranks: Ranks, progress: Progress
                        resume=(folder / CHECKPOINT_FILE).exists())
     if ranks.main:
         log.info("Noisy Student, run 1 of 2: the labeller, on the answered images, into %s", folder)
-    return _train(labeller, ranks, progress, time.perf_counter())
+    tagged = progress and (lambda epoch, step, steps, info: progress(epoch, step, steps, {**info, "run": LABELLER_DIR}))
+    return _train(labeller, ranks, tagged, time.perf_counter())
 
 
 def _pixels(data: TrainData, size: int, ranks: Ranks, progress: Progress | None) -> np.ndarray:
