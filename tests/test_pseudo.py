@@ -131,6 +131,9 @@ def test_unlabeled_auto_trains_a_labeller_then_learns_its_labels_never_validatin
     second = json.loads((root / "run/config.json").read_text())
     assert first["unlabeled"] == "off" and first["pseudo_labels"] is None  # the labeller: answers only
     assert second["unlabeled"] == "noisy" and second["pseudo_labels"] == str(Path("run") / LABELLER_DIR)
+    # the student goes on from its labeller (trainer.warm_start), the whole network at --lr
+    assert second["init"] == str(Path("run") / LABELLER_DIR / "model.pt") and second["backbone_lr"] == 1.0
+    assert summary["weights"] == "init:" + second["init"]
     alone = prepare_data(config(root, out="x"), None)
     assert summary["images"]["val"] == int(alone.is_val.sum())  # validation: the teacher's answers only
     assert summary["images"]["train"] == int((~alone.is_val).sum()) + len(waiting)

@@ -1,7 +1,8 @@
 """Noisy Student self-training (Xie et al. 2020) on the images no call reached: ``--pseudo-labels RUN``.
 
 A student already trained on the answers (RUN: a run folder or ``model.pt`` with the same classes;
-with ``--unlabeled auto|noisy`` the trainer trains it first, in ``OUT/labeller``) labels each
+with ``--unlabeled auto|noisy`` the trainer trains it first, in ``OUT/labeller``, and the new
+student starts from its weights) labels each
 unlabeled image once: the mean of its softmax on the centre crop at its own resolution and on the
 mirrored crop (flip test-time augmentation: a better label for one more cheap forward pass), soft
 and unsharpened (Noisy Student's soft pseudo-labels). Those rows join the training split, never the
