@@ -43,7 +43,7 @@ from distill_app.deploy.measure import interleaved_latency, onnx_candidate, torc
 from distill_app.training.checkpoint import open_student  # noqa: E402
 from distill_app.training.trainer import TrainConfig, train  # noqa: E402
 
-BASE = {"width": 0.5, "image_size": 112, "pretrained": "off"}
+BASE = {"width": 0.5, "image_size": 112, "pretrained": "off", "unlabeled": "off"}  # one training per run
 RUNS = {
     "v2": {"student": "mobilenetv2"},
     "v1": {"student": "mobilenetv1"},

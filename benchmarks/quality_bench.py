@@ -13,7 +13,7 @@ Recipes (product defaults except what is named):
   random-hard, random-logit, random-kl, random-ema, random-mixup: the same with --targets hard,
               --loss logit-mse, --loss kl, --ema 0.999 or --mixup 0.2
   random-rrc  the same with --crop-scale 0.35 (random-resized crop)
-  random-semi the same with --unlabeled auto, trained on all 4,000 training photos from a store that
+  random-semi the same with --unlabeled fixmatch, trained on all 4,000 training photos from a store that
               holds the answers of only the budget's (budget_store): the rest are its unlabeled images
   random-noisy the same photos and store, with --pseudo-labels the same budget and seed's `random`
               run (trained first when missing): Noisy Student, one round
@@ -186,7 +186,8 @@ def train_and_eval(args, db: str, subset: Path, budget: int, recipe: str, seed: 
         # the same labelled photos, the others unanswered beside them
         subset, db = Path(args.data) / "train", budget_store(db, Path(args.data) / "train", budget, work)
     cfg = TrainConfig(images=str(subset), db=db, teachers=[TEACHER], label_map=args.label_map,
-                      epochs=args.epochs, out=str(out), resume=(out / "last.pt").exists(), seed=seed, **flags)
+                      epochs=args.epochs, out=str(out), seed=seed,
+                      resume=(out / "last.pt").exists() or (out / "labeller" / "last.pt").exists(), **flags)
     t0 = time.time()
     summary = train(cfg)
     train_s = time.time() - t0

@@ -100,7 +100,7 @@ def trainer_child(config: dict, threads: int | None, turn: int) -> None:
         elif phase == "epoch":  # this turn was validation and checkpoints
             pause({"kind": "epoch", "epoch": epoch, "metrics": info})
 
-    summary = train(TrainConfig(**config), progress)
+    summary = train(TrainConfig(**{"unlabeled": "off", **config}), progress)  # one training: its speed
     send({"kind": "done", "summary": summary, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
 
 

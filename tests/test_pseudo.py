@@ -109,17 +109,18 @@ def test_pseudo_labels_with_fixmatch_or_off_is_refused(labelled):
 # -- --unlabeled auto (the default): Noisy Student in one command ----------------------------------
 
 
-def _stop_at_epoch_call(n):
-    """A progress callback that interrupts at the ``n``-th finished epoch, counted over both runs
-    (the labeller's epochs come first)."""
-    seen = []
+class _StopAtEpochCall:
+    """A progress callback that counts the finished epochs over both runs (the labeller's come first)
+    and interrupts at the ``n``-th."""
 
-    def stop(epoch, step, steps, info):
+    def __init__(self, n: int):
+        self.n, self.seen = n, 0
+
+    def __call__(self, epoch, step, steps, info):
         if info.get("phase") == "epoch":
-            seen.append(epoch)
-            if len(seen) >= n:
+            self.seen += 1
+            if self.seen >= self.n:
                 raise KeyboardInterrupt
-    return stop
 
 
 def test_unlabeled_auto_trains_a_labeller_then_learns_its_labels_never_validating_on_them(part_answered):
@@ -183,12 +184,17 @@ def test_unlabeled_auto_with_few_unanswered_images_trains_once(workspace):
 def test_unlabeled_auto_killed_in_either_run_resumes_to_the_uninterrupted_result(part_answered):
     root, _ = part_answered
     train(config(root, out="straight", epochs=2))
-    for out, stop in (("in-labeller", 1), ("in-student", 3)):  # the labeller's epochs are calls 1 and 2
+    # Epoch calls 1-2 are the labeller's, 3-4 the student's; each case: (where it stops, epochs left).
+    for out, stop, left in (("in-labeller", 1, 3), ("between", 2, 2), ("in-student", 3, 1)):
         with pytest.raises(KeyboardInterrupt):
-            train(config(root, out=out, epochs=2), progress=_stop_at_epoch_call(stop))
+            train(config(root, out=out, epochs=2), progress=_StopAtEpochCall(stop))
         with pytest.raises(DistillError, match="already holds a run"):
             train(config(root, out=out, epochs=2))  # without --resume: refused, nothing overwritten
-        train(config(root, out=out, epochs=2, resume=True))
+        counted = _StopAtEpochCall(99)
+        # --resume keeps the run's own flags (the labeller's and the student's) whatever is given now
+        summary = train(config(root, out=out, epochs=2, lr=0.5, resume=True), progress=counted)
+        assert counted.seen == left, out  # nothing trained twice
+        assert summary["labeller"]["out"] == str(Path(out) / LABELLER_DIR) and summary["unlabeled_used"] == 8
         for run in (LABELLER_DIR, "."):
             straight = torch.load(root / "straight" / run / "last.pt", weights_only=True)
             resumed = torch.load(root / out / run / "last.pt", weights_only=True)
@@ -196,3 +202,14 @@ def test_unlabeled_auto_killed_in_either_run_resumes_to_the_uninterrupted_result
                 assert torch.allclose(value.float(), resumed["model"][key].float()), (out, run, key)
     with pytest.raises(DistillError, match="nothing to resume"):
         train(config(root, out="never", epochs=2, resume=True))
+
+
+def test_configs_of_earlier_runs_resume_as_they_trained(tmp_path):
+    from distill_app.training.config import TrainConfig, resumed_config
+
+    given = TrainConfig(images="photos")
+    fixmatch = resumed_config(given, {"config": {"images": "photos", "unlabeled": "auto"}}, tmp_path)
+    noisy = resumed_config(given, {"config": {"images": "photos", "unlabeled": "off", "pseudo_labels": "lab"}},
+                           tmp_path)
+    assert fixmatch.unlabeled == "fixmatch"  # before noisy|fixmatch, auto was FixMatch
+    assert (noisy.unlabeled, noisy.pseudo_labels) == ("noisy", "lab")

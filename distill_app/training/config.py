@@ -182,6 +182,8 @@ def resumed_config(cfg: TrainConfig, ckpt: dict, out: Path) -> TrainConfig:
         log.info("--resume with %d epochs instead of %s: the cosine schedule is stretched from here on",
                  merged.epochs, saved.get("epochs"))
     resolved = {"unlabeled": "auto", "pseudo_labels": None}  # what a run resolves by itself (trainer._setup)
+    if merged.unlabeled == "noisy" and cfg.pseudo_labels is None:  # and its own labeller's warm start
+        resolved.update(init=cfg.init, backbone_lr=cfg.backbone_lr)
     for f in fields(TrainConfig):
         if f.name in resolved and getattr(cfg, f.name) == resolved[f.name]:
             continue

@@ -36,7 +36,7 @@ class TrainData:
     label_map: LabelMap | None  # the user's map, None for the teacher's own vocabulary
     counts: dict = field(default_factory=dict)  # skipped, unanswered, unmapped, labelled
     # Images under --images with no usable answer (unanswered, or mapped to no class), by hash:
-    # what --unlabeled auto trains on, never as labelled.
+    # what --unlabeled fixmatch|noisy|auto train on, never as labelled.
     unlabeled: list[tuple[str, str]] = field(default_factory=list)  # (sha256, path)
 
 

@@ -250,15 +250,20 @@ def _setup(cfg: TrainConfig, progress: Progress | None,
     out = resolve_out(cfg)
     # A copy: the caller's object is left as it was given.
     cfg = replace(cfg, out=str(out), teachers=[normalise_teacher(t) for t in cfg.teachers])
-    if cfg.resume and (out / CHECKPOINT_FILE).exists():  # else only the labeller had started
+    if cfg.resume and (out / CHECKPOINT_FILE).exists():
         cfg = resumed_config(cfg, load_checkpoint(out / CHECKPOINT_FILE), out)
+    elif cfg.resume and (out / CONFIG_FILE).exists():  # killed while its labeller trained: the flags it began with
+        cfg = resumed_config(cfg, {"config": json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))}, out)
     data = prepare_data(cfg, progress)
     cfg = replace(cfg, unlabeled=resolve_unlabeled(cfg, data))
     out.mkdir(parents=True, exist_ok=True)
     if cfg.pseudo_labels:
         data = add_pseudo_labels(data, cfg.pseudo_labels, out, cfg.resume, device)
     if cfg.unlabeled == "noisy" and not cfg.pseudo_labels:
-        return cfg, out, data  # the labeller trains first (_train); the epochs wait for its rows
+        # The labeller trains first (_train); the epochs wait for the pseudo rows. The run's flags are
+        # written now, so that --resume while the labeller trains keeps them.
+        (out / CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
+        return cfg, out, data
     return with_epochs(cfg, data), out, data
 
 
@@ -266,6 +271,9 @@ def resolve_unlabeled(cfg: TrainConfig, data: TrainData) -> str:
     """What --unlabeled auto means for this data (config.NOISY_MIN_SHARE); other values as given."""
     if cfg.pseudo_labels:
         return "noisy"
+    if cfg.unlabeled == "noisy" and not data.unlabeled:
+        log.info("--unlabeled noisy: every image has a usable answer; trained on the answers only")
+        return "off"
     if cfg.unlabeled != "auto":
         return cfg.unlabeled
     answered = len(data.shas)
@@ -345,7 +353,6 @@ def dsd_phase(run: Run, epoch: int) -> str | None:
 
 def _train(cfg: TrainConfig, ranks: Ranks, progress: Progress | None, started: float) -> dict:
     cfg, out, data = on_main(ranks, lambda: _setup(cfg, progress, ranks.device))
-    labeller = None
     if cfg.unlabeled == "noisy" and not cfg.pseudo_labels:
         labeller = train_labeller(cfg, out, ranks, progress)
         cfg = replace(cfg, pseudo_labels=str(out / LABELLER_DIR), **warm_start(out / LABELLER_DIR, labeller))
@@ -355,7 +362,8 @@ def _train(cfg: TrainConfig, ranks: Ranks, progress: Progress | None, started: f
             log.info("Noisy Student, run 2 of 2: %d answered + %d pseudo-labelled images, into %s",
                      len(data.shas) - data.counts["pseudo_labelled"], data.counts["pseudo_labelled"], out)
     # cfg.resume may be set while only the labeller had started: this run then begins afresh.
-    resume = cfg.resume and (out / CHECKPOINT_FILE).exists()
+    # Rank 0 decides for all (their --out may be another machine's folder).
+    resume = on_main(ranks, lambda: cfg.resume and (out / CHECKPOINT_FILE).exists())
     ckpt = load_checkpoint(out / CHECKPOINT_FILE) if resume else None  # every rank: the same weights
     pixels = _pixels(data, cfg.image_size, ranks, progress)
     run = build_run(cfg, data, pixels, ckpt, ranks)
@@ -386,7 +394,15 @@ def _train(cfg: TrainConfig, ranks: Ranks, progress: Progress | None, started: f
 
         plot_curves(run.history, out / CURVES_FILE)
     summary = summarize(run, out, time.perf_counter() - started)
-    if labeller is not None:
-        summary["labeller"] = {k: labeller[k] for k in ("out", "epochs", "best_epoch", "val_accuracy", "agreement",
-                                                         "seconds")}
+    if cfg.pseudo_labels == str(out / LABELLER_DIR) and ranks.main:  # a resumed run too
+        summary["labeller"] = labeller_summary(out / LABELLER_DIR)
     return summary
+
+
+def labeller_summary(folder: Path) -> dict:
+    """What Noisy Student's labeller scored, from its checkpoint (the seconds: its epochs')."""
+    ckpt = load_checkpoint(folder / CHECKPOINT_FILE)
+    best = ckpt["best"]
+    return {"out": str(folder), "epochs": ckpt["epoch"], "best_epoch": best.get("epoch"),
+            "val_accuracy": best.get("val_accuracy"), "agreement": best.get("val_agreement"),
+            "seconds": round(sum(m["epoch_seconds"] for m in ckpt["history"]), 2)}

@@ -1,4 +1,4 @@
-"""Semi-supervised distillation on the images no call reached (``--unlabeled auto``).
+"""Semi-supervised distillation on the images no call reached (``--unlabeled fixmatch``).
 
 FixMatch-style consistency (Sohn et al. 2020), with the EMA student as the pseudo-labeller when
 there is one (mean teacher, Tarvainen & Valpola 2017), else the live student without gradients:
