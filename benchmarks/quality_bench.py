@@ -110,6 +110,7 @@ def main() -> None:
             for recipe in args.recipes.split(","):  # interleaved: the machine's load hits all alike
                 rows.append(train_and_eval(args, db, subset, budget, recipe, seed, work))
     print_table(rows)
+    print_labellers(rows)
     if args.plot:
         plot(rows, args.plot)
     print(json.dumps({"rows": rows, "harvest": harvested, "args": vars(args)}))
@@ -236,6 +237,25 @@ def final_epoch_accuracy(out: Path, val: str, db: str) -> float:
     return evaluate(str(last), val, db_path=db, latency=False)["teacher"]["student_accuracy"]
 
 
+def print_labellers(rows: list[dict]) -> None:
+    """Per budget, the runs that trained their own labeller: supervised against semi-supervised."""
+    rows = [r for r in rows if r.get("labeller_accuracy") is not None]
+    if not rows:
+        return
+    print("| calls | recipe | seeds | labeller (supervised) | student | student − labeller | per seed |")
+    print("|---|---|---|---|---|---|---|")
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["budget"], r["recipe"]), []).append(r)
+    for (budget, recipe), rs in groups.items():
+        gains = [r["student_accuracy"] - r["labeller_accuracy"] for r in rs]
+        gain = format(statistics.mean(gains) * 100, "+.1f") + (
+            f" ± {statistics.stdev(gains) * 100:.1f}" if len(gains) > 1 else "")
+        print(f"| {budget} | {recipe} | {len(rs)} | {_spread([r['labeller_accuracy'] for r in rs], '.1%')} | "
+              f"{_spread([r['student_accuracy'] for r in rs], '.1%')} | {gain} points | "
+              f"{', '.join(format(g * 100, '+.1f') for g in gains)} |")
+
+
 def print_table(rows: list[dict]) -> None:
     print("| calls | recipe | seeds | MACs | train s | student top-1 | with --keep last | teacher top-1 | "
           "student/teacher | agreement |")
@@ -262,6 +282,9 @@ def plot(rows: list[dict], path: str) -> None:
 
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
+    # A run that trained its own labeller (--unlabeled auto) also gives the supervised figure.
+    rows = [*({**r, "recipe": "labeller (supervised)", "ratio": r["labeller_accuracy"] / r["teacher_accuracy"]}
+              for r in rows if r.get("labeller_accuracy") is not None), *rows]
     for recipe in dict.fromkeys(r["recipe"] for r in rows):
         by_budget: dict[int, list[float]] = {}
         for r in rows:
