@@ -293,7 +293,7 @@ def plot(rows: list[dict], path: str) -> None:
         budgets = sorted(by_budget)
         spread = [statistics.stdev(by_budget[b]) if len(by_budget[b]) > 1 else 0.0 for b in budgets]
         ax.errorbar(budgets, [statistics.mean(by_budget[b]) for b in budgets], yerr=spread, fmt="o-", capsize=3,
-                    label=recipe)
+                    label={"default": "default (Noisy Student)"}.get(recipe, recipe))
     every = sorted({r["budget"] for r in rows})
     ax.set(xscale="log", xlabel="API calls (answered training photos)", ylabel="student / teacher top-1 (mean ± sd)",
            title="Imagenette val, teacher EfficientNet-Lite0 (top 5)", ylim=(0, 1.02))
