@@ -479,6 +479,7 @@ def test_unlabeled_auto_without_unlabeled_images_trains_supervised(dataset):
     summary = train(config(dataset, epochs=1, out="all-answered"))  # the default: auto
     assert summary["unlabeled_used"] == 0 and summary["unlabeled"] == "off" and "labeller" not in summary
     assert not (dataset / "all-answered/labeller").exists()
+    assert json.loads((dataset / "all-answered/config.json").read_text())["keep"] == "best"  # --keep auto
     assert "unlabeled" not in json.loads((dataset / "all-answered/metrics.jsonl").read_text())
 
 

@@ -24,7 +24,7 @@ RESUME_OVERRIDES = ("epochs", "device", "num_workers", "accum_steps", "compile")
 # "pixels"); epochs 1..N report "train" steps, then one "epoch" call with the epoch's metrics.
 Progress = Callable[[int, int, int, dict], None]
 
-KEEP = ("best", "last")  # --keep
+KEEP = ("auto", "best", "last")  # --keep
 
 # --label-map folders: the map `distill labels suggest` drafts from the class folders, applied as is
 # (a map file of that name is ./folders).
@@ -78,7 +78,12 @@ class TrainConfig:
     # average and the live ones). Measured (Imagenette, x0.5 @112 random init, 40 epochs, 18 runs at 500
     # and 1,000 calls): last was +1.8 points better on held-out photos on average, better in 13 of 18:
     # with the cosine schedule the final weights are the settled ones, and a 45-image split picks noise.
-    keep: str = "best"
+    # auto: last for the student of a Noisy Student run (--unlabeled noisy, resolved from auto), best
+    # otherwise. That student starts from its labeller and restarts the learning rate, so its early epochs
+    # sit near the labeller and a ~100-image split picks among them by chance. Measured (1,000 calls +
+    # 3,000 unanswered, 3 seeds): best 65.0 / 57.5 / 61.0%, last 64.4 / 63.8 / 61.1% (seed 1 kept epoch 2
+    # of 25); the labeller alone 60.2 / 59.0 / 56.8% (BENCHMARKS.md, "Noisy Student by default").
+    keep: str = "auto"
     # Random-resized crop of the training images: each a window of U(crop_scale, 1) of the area (aspect
     # 3/4..4/3) resized to --image-size, and flipped half the time (data.pixels.resized_crop_params).
     # 1.0: the shift-and-flip crop only (a reflect-padded shift of up to 1/8 of the side).
