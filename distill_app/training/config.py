@@ -95,10 +95,12 @@ class TrainConfig:
     ema: float = 0.0
     # The images under --images with no usable answer (the budget did not reach them, or their answer
     # maps to no class). noisy: Noisy Student (pseudo.py): a first run on the answers alone (OUT/labeller)
-    # labels them, then this run trains on both, starting from the first run's weights (trainer.warm_start). fixmatch: consistency on them during this one run
-    # (unlabeled.py). auto: noisy when they are at least NOISY_MIN_SHARE of the answered images, else off;
-    # the run's config.json holds what auto resolved to. Measured (Imagenette, x0.5 @112, random init,
-    # 3 seeds): Noisy Student +4.1 points at 1,000 calls + 3,000 unanswered, FixMatch +0.4 (BENCHMARKS.md).
+    # labels them, then this run trains on both, starting from the first run's weights
+    # (trainer.warm_start). fixmatch: consistency on them during this one run (unlabeled.py). auto: noisy
+    # when they are at least NOISY_MIN_SHARE of the answered images, else off; the run's config.json
+    # holds what auto resolved to. Measured (Imagenette, x0.5 @112, random init, 3 seeds): auto +4.5
+    # points over its own labeller at 1,000 calls + 3,034 unanswered, +2.9 at 500 + 3,516; FixMatch
+    # +0.4 at 1,000 (one seed) for 2.6x the time (BENCHMARKS.md).
     unlabeled: str = "auto"
     # A trained student (run folder or model.pt) whose soft predictions become the targets of the
     # images with no usable answer, which then train beside the answered ones (pseudo.py: Noisy Student).
