@@ -243,8 +243,8 @@ def freed_memory_kept():
             malloc_trim(0)
 
 
-def _setup(cfg: TrainConfig, progress: Progress | None,
-           device: torch.device | str = "auto") -> tuple[TrainConfig, Path, TrainData]:
+def _setup(cfg: TrainConfig, progress: Progress | None, device: torch.device | str = "auto",
+           data: TrainData | None = None) -> tuple[TrainConfig, Path, TrainData]:
     """Rank 0's part: the run folder, the resolved configuration, the data (``device``: rank 0's,
     where the --pseudo-labels labeller runs)."""
     out = resolve_out(cfg)
@@ -254,7 +254,8 @@ def _setup(cfg: TrainConfig, progress: Progress | None,
         cfg = resumed_config(cfg, load_checkpoint(out / CHECKPOINT_FILE), out)
     elif cfg.resume and (out / CONFIG_FILE).exists():  # killed while its labeller trained: the flags it began with
         cfg = resumed_config(cfg, {"config": json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))}, out)
-    data = prepare_data(cfg, progress)
+    if data is None:  # Noisy Student's labeller is given the data its run already read
+        data = prepare_data(cfg, progress)
     cfg = replace(cfg, unlabeled=resolve_unlabeled(cfg, data))
     out.mkdir(parents=True, exist_ok=True)
     if cfg.pseudo_labels:
@@ -264,7 +265,7 @@ def _setup(cfg: TrainConfig, progress: Progress | None,
         # written now, so that --resume while the labeller trains keeps them.
         (out / CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
         return cfg, out, data
-    return with_epochs(cfg, data), out, data
+    return with_run_defaults(cfg, data), out, data
 
 
 def resolve_unlabeled(cfg: TrainConfig, data: TrainData) -> str:
@@ -287,9 +288,9 @@ def resolve_unlabeled(cfg: TrainConfig, data: TrainData) -> str:
     return "off"
 
 
-def with_epochs(cfg: TrainConfig, data: TrainData) -> TrainConfig:
-    """``cfg`` with --epochs resolved from the training rows when it was left out (config.auto_epochs),
-    and --keep auto resolved (config.TrainConfig.keep: last for Noisy Student's student, else best)."""
+def with_run_defaults(cfg: TrainConfig, data: TrainData) -> TrainConfig:
+    """``cfg`` with what waits for the training rows resolved: --epochs when it was left out
+    (config.auto_epochs), and --keep auto (config.TrainConfig.keep: last for Noisy Student's student, else best)."""
     if cfg.keep == "auto":
         cfg = replace(cfg, keep="last" if cfg.unlabeled == "noisy" else "best")
     if cfg.epochs is not None:
@@ -301,7 +302,7 @@ def with_epochs(cfg: TrainConfig, data: TrainData) -> TrainConfig:
     return cfg
 
 
-def train_labeller(cfg: TrainConfig, out: Path, ranks: Ranks, progress: Progress | None) -> dict:
+def train_labeller(cfg: TrainConfig, out: Path, data: TrainData, ranks: Ranks, progress: Progress | None) -> dict:
     """Noisy Student's first run: the same flags on the answers alone, in OUT/labeller (resumed when
     it has a checkpoint, read back when it has finished)."""
     folder = out / LABELLER_DIR
@@ -310,7 +311,8 @@ def train_labeller(cfg: TrainConfig, out: Path, ranks: Ranks, progress: Progress
     if ranks.main:
         log.info("Noisy Student, run 1 of 2: the labeller, on the answered images, into %s", folder)
     tagged = progress and (lambda epoch, step, steps, info: progress(epoch, step, steps, {**info, "run": LABELLER_DIR}))
-    return _train(labeller, ranks, tagged, time.perf_counter())
+    # The same images and answers as the run's: no second scan of the folder and the store.
+    return _train(labeller, ranks, tagged, time.perf_counter(), data)
 
 
 def warm_start(labeller: Path, summary: dict) -> dict:
@@ -355,13 +357,14 @@ def dsd_phase(run: Run, epoch: int) -> str | None:
     return phase
 
 
-def _train(cfg: TrainConfig, ranks: Ranks, progress: Progress | None, started: float) -> dict:
-    cfg, out, data = on_main(ranks, lambda: _setup(cfg, progress, ranks.device))
+def _train(cfg: TrainConfig, ranks: Ranks, progress: Progress | None, started: float,
+           data: TrainData | None = None) -> dict:
+    cfg, out, data = on_main(ranks, lambda: _setup(cfg, progress, ranks.device, data))
     if cfg.unlabeled == "noisy" and not cfg.pseudo_labels:
-        labeller = train_labeller(cfg, out, ranks, progress)
+        labeller = train_labeller(cfg, out, data, ranks, progress)
         cfg = replace(cfg, pseudo_labels=str(out / LABELLER_DIR), **warm_start(out / LABELLER_DIR, labeller))
         data = on_main(ranks, lambda: add_pseudo_labels(data, cfg.pseudo_labels, out, cfg.resume, ranks.device))
-        cfg = with_epochs(cfg, data)
+        cfg = with_run_defaults(cfg, data)
         if ranks.main:
             log.info("Noisy Student, run 2 of 2: %d answered + %d pseudo-labelled images, into %s",
                      len(data.shas) - data.counts["pseudo_labelled"], data.counts["pseudo_labelled"], out)
