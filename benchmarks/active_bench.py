@@ -108,6 +108,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--epochs", type=int, default=None, help="epochs per round (default: the product's)")
     ap.add_argument("--warm-start", action="store_true", help="distill loop --warm-start: later rounds "
                     "start from the previous round's student")
+    ap.add_argument("--unlabeled", default="off", help="the last round's --unlabeled (distill loop's default "
+                    "is auto: Noisy Student on the photos no call reached); off compares the selections alone")
     ap.add_argument("--train-json", default="{}", help="more TrainConfig fields, e.g. '{\"lr\": 0.004}'")
     ap.add_argument("--top-k", type=int, default=5)
     ap.add_argument("--label-map", default=str(qb.HERE / "imagenette_labels.toml"))
@@ -151,7 +153,7 @@ def run_all(args, setting: Path, train_cfg: dict) -> list[dict]:
                 loop = LoopConfig(images=str(pool), teacher=qb.TEACHER, budget=budget, rounds=args.rounds,
                                   select=strategy, out=str(result.parent / "loop"), db=str(result.parent / "distill.db"),
                                   endpoint=endpoint, top_k=args.top_k, seed=seed, warm_start=args.warm_start,
-                                  train=dict(train_cfg))
+                                  unlabeled=args.unlabeled, train=dict(train_cfg))
                 row = run_one(loop, str(val), val_db)
                 tmp = result.with_suffix(".tmp")
                 tmp.write_text(json.dumps(row))
@@ -191,9 +193,11 @@ def setting_name(args, train_cfg: dict) -> str:
     key = {"rounds": args.rounds, "top_k": args.top_k, "pool": args.pool_limit, "train": train_cfg}
     if args.warm_start:
         key["warm_start"] = True  # only when set: the folders of earlier (cold) settings keep their names
+    if args.unlabeled != "off":
+        key["unlabeled"] = args.unlabeled  # likewise
     key = json.dumps(key, sort_keys=True)
     epochs = train_cfg.get("epochs", "auto")
-    return (f"{'warm-' if args.warm_start else ''}r{args.rounds}-e{epochs}-pool{args.pool_limit or 'all'}-"
+    return (f"{'warm-' if args.warm_start else ''}{'' if args.unlabeled == 'off' else args.unlabeled + '-'}r{args.rounds}-e{epochs}-pool{args.pool_limit or 'all'}-"
             f"{hashlib.sha256(key.encode()).hexdigest()[:8]}")
 
 

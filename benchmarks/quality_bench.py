@@ -51,7 +51,7 @@ import requests
 from distill_app.data.images import scan_images
 from distill_app.deploy.evaluate import evaluate
 from distill_app.harvest.engine import HarvestConfig, harvest
-from distill_app.training.trainer import TrainConfig, train
+from distill_app.training.trainer import TrainConfig, resumable, train
 
 DATA = "/work/shared/data/imagenette-dev"
 INIT = "/work/shared/weights/mobilenetv2_100_imagenet.pt"
@@ -188,7 +188,7 @@ def train_and_eval(args, db: str, subset: Path, budget: int, recipe: str, seed: 
         subset, db = Path(args.data) / "train", budget_store(db, Path(args.data) / "train", budget, work)
     cfg = TrainConfig(images=str(subset), db=db, teachers=[TEACHER], label_map=args.label_map,
                       epochs=args.epochs, out=str(out), seed=seed,
-                      resume=(out / "last.pt").exists() or (out / "labeller" / "last.pt").exists(), **flags)
+                      resume=resumable(out), **flags)
     t0 = time.time()
     summary = train(cfg)
     train_s = time.time() - t0

@@ -401,6 +401,9 @@ def loop(
     out: Path = typer.Option(Path("runs/loop"), help="Folder of the rounds (round-1, ...) and the final model.pt."),
     warm_start: bool = typer.Option(False, "--warm-start", help="Rounds after the first start from the previous "
                                     "round's student instead of from scratch."),
+    unlabeled: str = typer.Option("auto", help="As for train, for the last round's student: auto (Noisy Student on "
+                                  "the images no call reached, when they are at least a quarter as many as the "
+                                  "answered ones), noisy, fixmatch or off. Earlier rounds train on their answers."),
     seed: int = typer.Option(0, min=0),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
@@ -410,17 +413,19 @@ def loop(
     """
     from .harvest.select import STRATEGIES
     from .loop import LoopConfig, run_loop
+    from .training.config import UNLABELED
 
     from students import PRETRAINED_MODES
 
     _check_choice("--select", select, STRATEGIES)
     _check_choice("--pretrained", pretrained, PRETRAINED_MODES)
+    _check_choice("--unlabeled", unlabeled, UNLABELED)
     train_flags = {"width": width, "image_size": image_size, "epochs": epochs, "batch_size": batch_size,
                    "label_map": str(label_map) if label_map else None, "pretrained": pretrained,
                    "init": str(init) if init else None}
     cfg = LoopConfig(images=str(images), teacher=teacher, budget=budget, rounds=rounds, select=select, out=str(out),
                      db=db, endpoint=endpoint, top_k=top_k, val=str(val) if val else None, seed=seed, warm_start=warm_start,
-                     train=train_flags)
+                     unlabeled=unlabeled, train=train_flags)
     result = run_loop(cfg, log=lambda line: err.print(line, markup=False))
     if json_out:
         emit_json(result)

@@ -6,7 +6,9 @@ takes a k-center sample when ``select`` is diversity, a typical one (``typical``
 typical or hybrid, else a random one. Hybrid starts typical because k-center's first picks are
 the pool's outliers: on Imagenette its 250-photo round-1 students were 6 points (ImageNet init)
 to 18 points (random init) below random's (BENCHMARKS.md, active selection). With
-``warm_start`` each later round starts from the previous round's student.
+``warm_start`` each later round starts from the previous round's student. The last round's student,
+the one delivered, also learns from the photos no call reached (``unlabeled``, default auto: Noisy
+Student, as ``distill train`` does); earlier rounds train on their answers alone.
 
 Nothing is paid twice: a round's calls are what its target lacks, counted from the store on every
 run, so a killed loop rerun with the same command sends only what is still missing; a round whose
@@ -51,6 +53,7 @@ class LoopConfig:
     # Rounds after the first start from the previous round's model.pt (every layer at --lr: the whole
     # network is the loop's own) instead of from the init the train flags give round 1.
     warm_start: bool = False
+    unlabeled: str = "auto"  # the last round's --unlabeled; earlier rounds train on their answers alone
     train: dict = field(default_factory=dict)  # TrainConfig fields: width, image_size, epochs, label_map, ...
 
 
@@ -63,7 +66,7 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] = print) -> dict:
     """Harvest and train round after round; returns one summary per round."""
     from .deploy.evaluate import evaluate
     from .harvest.engine import HarvestConfig, harvest
-    from .training.trainer import TrainConfig, train
+    from .training.trainer import TrainConfig, resumable, train
 
     if cfg.budget < 1 or cfg.rounds < 1 or cfg.rounds > cfg.budget:
         raise DistillError(f"--budget ({cfg.budget}) and --rounds ({cfg.rounds}) must be positive, "
@@ -84,16 +87,17 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] = print) -> dict:
                 h = harvest(replace(base, max_calls=target - have, select=strategy,
                                     selector=selector if strategy in MODEL_BASED and selector else None))
                 sent, answered = h["sent"], h["succeeded"]
-            # A round trains on its answers alone unless told otherwise: the rest of the pool is what the
-            # next round chooses from, and Noisy Student on it (train's --unlabeled auto) would double every
-            # round's training for a student that only has to select.
-            flags = {"unlabeled": "off", **cfg.train}
+            # Rounds before the last train on their answers alone: the rest of the pool is what the next
+            # round chooses from, and Noisy Student on it would double the training of a student that only
+            # has to select. The last round's student is the one delivered: it gets --unlabeled (default
+            # auto: Noisy Student on the photos no call reached, as train does).
+            flags = {**cfg.train, "unlabeled": cfg.unlabeled if r == cfg.rounds else "off"}
             if cfg.warm_start and selector:
                 flags.update(init=str(Path(selector) / "model.pt"), backbone_lr=1.0, pretrained="off")
             t = train(TrainConfig(images=cfg.images, db=cfg.db, teachers=[cfg.teacher], out=str(run),
-                                  resume=(run / "last.pt").exists(), seed=cfg.seed, **flags))
-            row = {"round": r, "strategy": strategy, "answered": have + answered,
-                   "sent": sent, "out": str(run), "val_accuracy": t["val_accuracy"], "agreement": t["agreement"]}
+                                  resume=resumable(run), seed=cfg.seed, **flags))
+            row = {"round": r, "strategy": strategy, "answered": have + answered, "sent": sent, "out": str(run),
+                   "unlabeled_used": t["unlabeled_used"], "val_accuracy": t["val_accuracy"], "agreement": t["agreement"]}
             if cfg.val:
                 e = evaluate(str(run), cfg.val, db_path=cfg.db, teacher_spec=cfg.teacher, latency=False)
                 row.update(eval_accuracy=e["accuracy"], eval_agreement=e["teacher"]["agreement"])
@@ -116,8 +120,10 @@ def _line(row: dict) -> str:
     def pct(x):
         return "-" if x is None else f"{x:.1%}"
 
-    text = (f"round {row['round']}  {row['strategy']}  sent {row['sent']}  answered {row['answered']}  "
-            f"val accuracy {pct(row['val_accuracy'])}  agreement {pct(row['agreement'])}")
+    text = f"round {row['round']}  {row['strategy']}  sent {row['sent']}  answered {row['answered']}  "
+    if row.get("unlabeled_used"):
+        text += f"pseudo-labelled {row['unlabeled_used']}  "
+    text += f"val accuracy {pct(row['val_accuracy'])}  agreement {pct(row['agreement'])}"
     if "eval_accuracy" in row:
         text += f"  eval accuracy {pct(row['eval_accuracy'])}  eval agreement {pct(row['eval_agreement'])}"
     return text

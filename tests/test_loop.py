@@ -43,6 +43,10 @@ def test_loop_spends_the_budget_in_rounds_and_a_rerun_pays_nothing(tmp_path, mon
     assert "round 2  uncertainty  sent 3" in result.output
     assert (tmp_path / "runs/loop/model.pt").exists() and (tmp_path / "runs/loop/round-2/model.pt").exists()
     assert calls("distill.db") == 6
+    # Only the last round's student, the one delivered, learns from the 4 photos no call reached.
+    assert [r["unlabeled_used"] for r in rounds] == [0, 4] and "pseudo-labelled 4" in result.output
+    assert not (tmp_path / "runs/loop/round-1/labeller").exists()
+    assert (tmp_path / "runs/loop/round-2/labeller/model.pt").exists()
     store = open_store("distill.db", create=False)
     try:
         chosen = list(store.db["selections"].rows)
@@ -87,19 +91,51 @@ def test_a_loop_killed_in_round_2_resumes_without_paying_twice(tmp_path, monkeyp
     assert calls("distill.db") == 6
 
 
+def test_a_loop_killed_between_the_last_rounds_labeller_and_student_resumes(tmp_path, monkeypatch):
+    """The last round's run folder then holds only its labeller's checkpoint: the rerun resumes it
+    (reads the labeller back) instead of refusing a folder that "already holds a run"."""
+    monkeypatch.chdir(tmp_path)
+    write_photos(tmp_path / "photos", per_class=5)
+    import distill_app.training.trainer as trainer
+
+    real_label = trainer.add_pseudo_labels
+
+    def killed_before_the_student(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "add_pseudo_labels", killed_before_the_student)
+    killed = CliRunner().invoke(app, [*LOOP, "--images", "photos"])
+    assert killed.exit_code != 0
+    assert (tmp_path / "runs/loop/round-2/labeller/last.pt").exists()
+    assert not (tmp_path / "runs/loop/round-2/last.pt").exists()
+    monkeypatch.setattr(trainer, "add_pseudo_labels", real_label)
+    result = CliRunner().invoke(app, [*LOOP, "--images", "photos"])
+    assert result.exit_code == 0, result.output
+    rounds = json.loads(result.stdout.strip().splitlines()[-1])["rounds"]
+    assert [r["sent"] for r in rounds] == [0, 0] and rounds[-1]["unlabeled_used"] == 4
+    assert calls("distill.db") == 6
+    off = CliRunner().invoke(app, [*LOOP, "--images", "photos", "--out", "runs/off", "--unlabeled", "off"])
+    assert off.exit_code == 0, off.output
+    assert json.loads(off.stdout.strip().splitlines()[-1])["rounds"][-1]["unlabeled_used"] == 0
+    assert not (tmp_path / "runs/off/round-2/labeller").exists() and calls("distill.db") == 6
+
+
 def test_warm_start_trains_each_later_round_from_the_previous_student(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_photos(tmp_path / "photos", per_class=5)
     result = CliRunner().invoke(app, [*LOOP, "--images", "photos", "--warm-start"])
     assert result.exit_code == 0, result.output
     first = json.loads((tmp_path / "runs/loop/round-1/config.json").read_text())
-    second = json.loads((tmp_path / "runs/loop/round-2/config.json").read_text())
+    # Round 2 is the last: Noisy Student, whose labeller starts from round 1 and its student from the labeller.
+    second = json.loads((tmp_path / "runs/loop/round-2/labeller/config.json").read_text())
     assert first["init"] is None
     assert second["init"] == str(Path("runs/loop/round-1/model.pt")) and second["backbone_lr"] == 1.0
     import torch
 
-    ckpt = torch.load(tmp_path / "runs/loop/round-2/model.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(tmp_path / "runs/loop/round-2/labeller/model.pt", map_location="cpu", weights_only=False)
     assert ckpt["weights"]["source"] == f"init:{second['init']}"
+    student = json.loads((tmp_path / "runs/loop/round-2/config.json").read_text())
+    assert student["init"] == str(Path("runs/loop/round-2/labeller/model.pt")) and student["backbone_lr"] == 1.0
 
 
 def test_hybrid_starts_typical_and_every_round_starts_from_init(tmp_path, monkeypatch):
@@ -119,7 +155,7 @@ def test_hybrid_starts_typical_and_every_round_starts_from_init(tmp_path, monkey
     assert result.exit_code == 0, result.output
     rounds = json.loads(result.stdout.strip().splitlines()[-1])["rounds"]
     assert [r["strategy"] for r in rounds] == ["typical", "hybrid"] and calls("distill.db") == 6
-    for r in (1, 2):
-        assert json.loads((tmp_path / f"runs/loop/round-{r}/config.json").read_text())["init"] == "init.pt"
+    for run in ("round-1", "round-2/labeller"):  # round 2, the last, is Noisy Student: its labeller starts from init
+        assert json.loads((tmp_path / f"runs/loop/{run}/config.json").read_text())["init"] == "init.pt"
     bad = CliRunner().invoke(app, [*LOOP, "--images", "photos", "--pretrained", "maybe"])
     assert bad.exit_code == 2 and "choose one of auto, on, off" in bad.output  # a usage error, as for train

@@ -78,13 +78,18 @@ def resolve_out(cfg: TrainConfig) -> Path:
         while Path("runs", f"{stem}-{n}").exists():
             n += 1
         out = Path("runs", f"{stem}-{n}")
-    # A Noisy Student run killed while its labeller trained has only OUT/labeller/last.pt so far.
-    started = [p for p in (out / CHECKPOINT_FILE, out / LABELLER_DIR / CHECKPOINT_FILE) if p.exists()]
-    if cfg.resume and not started:
+    if cfg.resume and not resumable(out):
         raise DistillError(f"nothing to resume in {out}: no {CHECKPOINT_FILE}; drop --resume to start a new run")
-    if not cfg.resume and started:
+    if not cfg.resume and resumable(out):
         raise DistillError(f"{out} already holds a run: pass --resume to continue it, or another --out")
     return out
+
+
+def resumable(out: str | Path) -> bool:
+    """Whether ``out`` holds a run that --resume continues: its checkpoint, or only its labeller's
+    (a Noisy Student run killed while the labeller trained)."""
+    out = Path(out)
+    return (out / CHECKPOINT_FILE).exists() or (out / LABELLER_DIR / CHECKPOINT_FILE).exists()
 
 
 def load_checkpoint(path: Path) -> dict:
