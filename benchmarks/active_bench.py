@@ -197,7 +197,8 @@ def setting_name(args, train_cfg: dict) -> str:
         key["unlabeled"] = args.unlabeled  # likewise
     key = json.dumps(key, sort_keys=True)
     epochs = train_cfg.get("epochs", "auto")
-    return (f"{'warm-' if args.warm_start else ''}{'' if args.unlabeled == 'off' else args.unlabeled + '-'}r{args.rounds}-e{epochs}-pool{args.pool_limit or 'all'}-"
+    prefix = ("warm-" if args.warm_start else "") + ("" if args.unlabeled == "off" else f"{args.unlabeled}-")
+    return (f"{prefix}r{args.rounds}-e{epochs}-pool{args.pool_limit or 'all'}-"
             f"{hashlib.sha256(key.encode()).hexdigest()[:8]}")
 
 

@@ -131,7 +131,7 @@ def test_unlabeled_auto_trains_a_labeller_then_learns_its_labels_never_validatin
     first = json.loads((root / "run" / LABELLER_DIR / "config.json").read_text())
     second = json.loads((root / "run/config.json").read_text())
     assert first["unlabeled"] == "off" and first["pseudo_labels"] is None  # the labeller: answers only
-    assert (first["keep"], second["keep"]) == ("best", "last")  # --keep auto
+    assert (first["keep"], second["keep"]) == ("last", "last")  # --keep auto
     assert second["unlabeled"] == "noisy" and second["pseudo_labels"] == str(Path("run") / LABELLER_DIR)
     # the student goes on from its labeller (trainer.warm_start), the whole network at --lr
     assert second["init"] == str(Path("run") / LABELLER_DIR / "model.pt") and second["backbone_lr"] == 1.0

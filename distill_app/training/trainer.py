@@ -311,8 +311,10 @@ def train_labeller(cfg: TrainConfig, out: Path, data: TrainData, ranks: Ranks, p
     """Noisy Student's first run: the same flags on the answers alone, in OUT/labeller (resumed when
     it has a checkpoint, read back when it has finished)."""
     folder = out / LABELLER_DIR
+    # --keep auto: the labeller keeps its final epoch too (config.TrainConfig.keep), since its model.pt
+    # labels the unanswered images and starts the student.
     labeller = replace(cfg, out=str(folder), unlabeled="off", pseudo_labels=None,
-                       resume=(folder / CHECKPOINT_FILE).exists())
+                       keep="last" if cfg.keep == "auto" else cfg.keep, resume=(folder / CHECKPOINT_FILE).exists())
     if ranks.main:
         log.info("Noisy Student, run 1 of 2: the labeller, on the answered images, into %s", folder)
     tagged = progress and (lambda epoch, step, steps, info: progress(epoch, step, steps, {**info, "run": LABELLER_DIR}))
