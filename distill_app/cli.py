@@ -152,7 +152,7 @@ def train(
                                              "4,3,3 (default: thirds of --epochs)."),
     keep: str = typer.Option("auto", help="What model.pt holds: best (the epoch that agreed best with the teacher "
                              "on the validation split), last (the final epoch: better for small budgets), or auto "
-                             "(last for a Noisy Student run's student, best otherwise)."),
+                             "(last for both runs of Noisy Student, best otherwise)."),
     crop_scale: float = typer.Option(1.0, help="Random-resized crop: each training image a window of at least this "
                                      "share of its area, resized (1: shift-and-flip only)."),
     mixup: float = typer.Option(0.0, min=0.0, help="Mixup alpha: mix pairs of images and their soft targets with "

@@ -78,9 +78,11 @@ class TrainConfig:
     # average and the live ones). Measured (Imagenette, x0.5 @112 random init, 40 epochs, 18 runs at 500
     # and 1,000 calls): last was +1.8 points better on held-out photos on average, better in 13 of 18:
     # with the cosine schedule the final weights are the settled ones, and a 45-image split picks noise.
-    # auto: last for the student of a Noisy Student run (--unlabeled noisy, resolved from auto), best
-    # otherwise. That student starts from its labeller and restarts the learning rate, so its early epochs
-    # sit near the labeller and a ~100-image split picks among them by chance. Measured (1,000 calls +
+    # auto: last for both runs of Noisy Student (--unlabeled noisy, resolved from auto), best otherwise.
+    # Its student starts from its labeller and restarts the learning rate, so its early epochs sit near
+    # the labeller and a ~100-image split picks among them by chance; the labeller's model.pt labels the
+    # rest and starts the student, so it is the settled final epoch too (labeller alone, 3 seeds: final
+    # 49.0% against best 46.5% at 500 calls, 58.8% against 58.6% at 1,000). Measured (1,000 calls +
     # 3,000 unanswered, 3 seeds): best 65.0 / 57.5 / 61.0%, last 64.4 / 63.8 / 61.1% (seed 1 kept epoch 2
     # of 25); the labeller alone 60.2 / 59.0 / 56.8% (BENCHMARKS.md, "Noisy Student by default").
     keep: str = "auto"
