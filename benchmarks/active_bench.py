@@ -23,13 +23,13 @@ calls are the pool images answered by the round (its target, budget x round / ro
 local server fails none, and paid_calls, the run store's usage at the end, checks the total).
 
     python benchmarks/active_bench.py --epochs 10 --plot active.png  # 30 loops, ~2.5 h on 2 cores
-    python benchmarks/active_bench.py --plot active.png                  # product epochs: ~35 h on 2 cores
+    python benchmarks/active_bench.py --plot active.png                  # product epochs: ~50 h on 2 cores
     python benchmarks/active_bench.py --budgets 40 --seeds 0 --strategies random,diversity \\
         --epochs 2 --pool-limit 200 --val-limit 100                      # smoke run, 2-3 min
 
 Times are estimates, not measured runs: at the ~70 training images/s of quality_bench's x0.5 run
 on 2 cores, --epochs 10 trains 2.5 x budget x 9 images per loop; the product's --epochs (about
-1,500 steps a round, at most 200 epochs) some 250,000 (500 calls) to 340,000 (1,000 calls).
+3,000 steps a round, at most 200 epochs) some 225,000 (500 calls) to 450,000 (1,000 calls).
 
 Prints a Markdown table (mean ± stdev over seeds at the final round), the calls each strategy
 needs to reach random's accuracy at the largest budget (interpolated on its mean per-round curve),

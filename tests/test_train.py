@@ -437,9 +437,9 @@ def test_resume_with_ema_and_mixup_repeats_an_uninterrupted_run(dataset):
 def test_epochs_default_from_the_number_of_training_images(dataset):
     from distill_app.training.config import AUTO_MAX, AUTO_MIN, auto_epochs
 
-    assert auto_epochs(3600, 64) == 27  # 57 steps per epoch: ~1,500 steps
-    assert auto_epochs(900, 64) == 100
-    assert auto_epochs(450, 64) == 188 and auto_epochs(200, 64) == AUTO_MAX and auto_epochs(10**6, 64) == AUTO_MIN
+    assert auto_epochs(3600, 64) == 53  # 57 steps per epoch: ~3,000 steps
+    assert auto_epochs(1800, 64) == 104
+    assert auto_epochs(900, 64) == auto_epochs(450, 64) == AUTO_MAX and auto_epochs(10**6, 64) == AUTO_MIN
     # Resolved once the data is known, written to config.json; a resume without --epochs keeps it.
     for resume, stop in ((False, 1), (True, 2)):
         with pytest.raises(KeyboardInterrupt):
