@@ -44,6 +44,23 @@ def test_sigkill_then_resume(photos, tmp_path):
     assert not list((tmp_path / "run").glob(".*.tmp"))  # a write the kill cut short is cleaned up
 
 
+def test_a_resumed_run_removes_what_a_kill_cut_short(photos, tmp_path):
+    """A kill mid-write of model.pt leaves its temporary file; the resumed run may never write model.pt
+    again (best-on-validation kept), so it removes every such file when it starts."""
+    store_folder_answers(photos, "t.db", 0.8)
+    args = [sys.executable, "-m", "distill_app", "train", "--images", str(photos), "--db", "t.db", "--width", "0.35",
+            "--image-size", "32", "--batch-size", "2", "--out", "run", "--json", "--epochs"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(args + ["1"], env=env, capture_output=True, text=True, timeout=300, check=True)
+    stale = [tmp_path / "run" / ".model.pt.k1ll3d.tmp", tmp_path / "run" / ".last.pt.k1ll3d.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")
+    res = subprocess.run(args + ["2", "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert not any(path.exists() for path in stale)
+    open_student(tmp_path / "run")
+
+
 def test_disk_full_while_writing_keeps_previous_checkpoint(tmp_path, monkeypatch):
     target = tmp_path / "last.pt"
     atomic_save({"epoch": 1}, target)

@@ -69,6 +69,14 @@ class StudentFile:
                    blob.get("pruning"), blob.get("weights"), blob.get("compression"))
 
 
+def remove_stale_temps(folder: str | os.PathLike) -> None:
+    """Remove the temporary files that writers killed mid-write left in ``folder``. atomic_save does it
+    for its own file, but a resumed run may never write that file again (model.pt, kept only when an
+    epoch is better), so a run removes them all when it starts. One writer per folder (rank 0)."""
+    for stale in Path(folder).glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 

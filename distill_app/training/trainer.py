@@ -41,7 +41,7 @@ from ..errors import DistillError
 from ..teachers.spec import normalise_teacher
 from . import dsd
 from .checkpoint import (CHECKPOINT_FILE, CONFIG_FILE, CURVES_FILE, METRICS_FILE, MODEL_FILE, StudentFile,
-                         atomic_save, save_student)
+                         atomic_save, remove_stale_temps, save_student)
 from .config import (AUTO_STEPS, NOISY_MIN_SHARE, Progress, TrainConfig, auto_epochs, check_config,
                      resumed_config)
 from .data import TrainData, prepare_data
@@ -263,6 +263,7 @@ def _setup(cfg: TrainConfig, progress: Progress | None, device: torch.device | s
         data = prepare_data(cfg, progress)
     cfg = replace(cfg, unlabeled=resolve_unlabeled(cfg, data))
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)  # a kill mid-write (of a file this run may not write again)
     if cfg.pseudo_labels:
         data = add_pseudo_labels(data, cfg.pseudo_labels, out, cfg.resume, device)
     if cfg.unlabeled == "noisy" and not cfg.pseudo_labels:
