@@ -116,7 +116,7 @@ class TrainConfig:
 # supervised run's final epoch from 58.8% to 61.8% and Noisy Student's student from 63.1% to 64.5%
 # (a quarter of the spread); at 4,000 calls (one seed) 72.4% to 76.2% (BENCHMARKS.md, "Longer
 # training by default"). 3,000 steps of 64 images are ~12 minutes on 2 CPU cores at 112 px, whatever
-# the data size: 4,000 images get 53 epochs, 1,000 get 200 (the cap), 500 too (1,600 steps).
+# the data size: 4,000 images get 53-55 epochs, 1,000 get 200 (the cap: 2,800 steps), 500 too (1,400).
 AUTO_STEPS, AUTO_MIN, AUTO_MAX = 3000, 10, 200
 
 UNLABELED = ("auto", "noisy", "fixmatch", "off")  # --unlabeled
