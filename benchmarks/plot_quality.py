@@ -25,16 +25,21 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", help="LABEL=FILE: quality_bench.py's output")
     ap.add_argument("--out", required=True, help="the PNG to write")
     args = ap.parse_args()
-    rows = []
+    supervised, rows = [], []
     for run in args.runs:
         label, _, path = run.partition("=")
         if not path:
             raise SystemExit(f"{run!r}: expected LABEL=FILE")
         last = [line for line in Path(path).read_text().splitlines() if line.startswith('{"rows"')][-1]
-        # random is the product's supervised run (nothing unanswered): one series with the labellers'
-        rows += [{**r, "recipe": f"{label}: {'supervised' if r['recipe'] == 'random' else r['recipe']}"}
-                 for r in json.loads(last)["rows"]]
-    qb.plot(rows, args.out)
+        for r in json.loads(last)["rows"]:
+            # The labeller of `default` and the `random` run (nothing unanswered) are the product's
+            # supervised run: one series per label. The labels are set here, so qb.plot adds none.
+            if r.get("labeller_accuracy") is not None:
+                supervised.append({**r, "recipe": f"{label}: supervised", "labeller_accuracy": None,
+                                   "ratio": r["labeller_accuracy"] / r["teacher_accuracy"]})
+            name = {"random": "supervised", "default": "default (Noisy Student)"}.get(r["recipe"], r["recipe"])
+            rows.append({**r, "recipe": f"{label}: {name}", "labeller_accuracy": None})
+    qb.plot(supervised + rows, args.out)
 
 
 if __name__ == "__main__":

@@ -283,11 +283,7 @@ def plot(rows: list[dict], path: str) -> None:
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     # A run that trained its own labeller (--unlabeled auto) also gives the supervised figure.
-    tags = {r["recipe"] for r in rows if r.get("labeller_accuracy") is not None}
-    # Several runs under labels (plot_quality.py): "LABEL: default" -> "LABEL: supervised", beside the
-    # label's own supervised rows if it has any.
-    rows = [*({**r, "recipe": "labeller (supervised)" if len(tags) == 1 else r["recipe"].replace("default", "supervised"),
-               "ratio": r["labeller_accuracy"] / r["teacher_accuracy"]}
+    rows = [*({**r, "recipe": "labeller (supervised)", "ratio": r["labeller_accuracy"] / r["teacher_accuracy"]}
               for r in rows if r.get("labeller_accuracy") is not None), *rows]
     for recipe in dict.fromkeys(r["recipe"] for r in rows):
         by_budget: dict[int, list[float]] = {}
@@ -297,7 +293,7 @@ def plot(rows: list[dict], path: str) -> None:
         budgets = sorted(by_budget)
         spread = [statistics.stdev(by_budget[b]) if len(by_budget[b]) > 1 else 0.0 for b in budgets]
         ax.errorbar(budgets, [statistics.mean(by_budget[b]) for b in budgets], yerr=spread, fmt="o-", capsize=3,
-                    label=recipe.replace("default", "default (Noisy Student)"))
+                    label={"default": "default (Noisy Student)"}.get(recipe, recipe))
     every = sorted({r["budget"] for r in rows})
     ax.set(xscale="log", xlabel="API calls (answered training photos)", ylabel="student / teacher top-1 (mean ± sd)",
            title="Imagenette val, teacher EfficientNet-Lite0 (top 5)", ylim=(0, 1.02))
