@@ -262,6 +262,8 @@ def _setup(cfg: TrainConfig, progress: Progress | None, device: torch.device | s
     if data is None:  # Noisy Student's labeller is given the data its run already read
         data = prepare_data(cfg, progress)
     cfg = replace(cfg, unlabeled=resolve_unlabeled(cfg, data))
+    if cfg.keep == "auto":  # config.TrainConfig.keep: last for both runs of Noisy Student (the labeller copies it)
+        cfg = replace(cfg, keep="last" if cfg.unlabeled == "noisy" else "best")
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)  # a kill mid-write (of a file this run may not write again)
     if cfg.pseudo_labels:
@@ -271,7 +273,7 @@ def _setup(cfg: TrainConfig, progress: Progress | None, device: torch.device | s
         # written now, so that --resume while the labeller trains keeps them.
         (out / CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
         return cfg, out, data
-    return with_run_defaults(cfg, data), out, data
+    return with_epochs(cfg, data), out, data
 
 
 def resolve_unlabeled(cfg: TrainConfig, data: TrainData) -> str:
@@ -294,11 +296,8 @@ def resolve_unlabeled(cfg: TrainConfig, data: TrainData) -> str:
     return "off"
 
 
-def with_run_defaults(cfg: TrainConfig, data: TrainData) -> TrainConfig:
-    """``cfg`` with what waits for the training rows resolved: --epochs when it was left out
-    (config.auto_epochs), and --keep auto (config.TrainConfig.keep: last for Noisy Student's student, else best)."""
-    if cfg.keep == "auto":
-        cfg = replace(cfg, keep="last" if cfg.unlabeled == "noisy" else "best")
+def with_epochs(cfg: TrainConfig, data: TrainData) -> TrainConfig:
+    """``cfg`` with --epochs resolved from the training rows when it was left out (config.auto_epochs)."""
     if cfg.epochs is not None:
         return cfg
     cfg = replace(cfg, epochs=auto_epochs(int((~data.is_val).sum()), cfg.batch_size))
@@ -312,10 +311,8 @@ def train_labeller(cfg: TrainConfig, out: Path, data: TrainData, ranks: Ranks, p
     """Noisy Student's first run: the same flags on the answers alone, in OUT/labeller (resumed when
     it has a checkpoint, read back when it has finished)."""
     folder = out / LABELLER_DIR
-    # --keep auto: the labeller keeps its final epoch too (config.TrainConfig.keep), since its model.pt
-    # labels the unanswered images and starts the student.
     labeller = replace(cfg, out=str(folder), unlabeled="off", pseudo_labels=None,
-                       keep="last" if cfg.keep == "auto" else cfg.keep, resume=(folder / CHECKPOINT_FILE).exists())
+                       resume=(folder / CHECKPOINT_FILE).exists())
     if ranks.main:
         log.info("Noisy Student, run 1 of 2: the labeller, on the answered images, into %s", folder)
     tagged = progress and (lambda epoch, step, steps, info: progress(epoch, step, steps, {**info, "run": LABELLER_DIR}))
@@ -372,7 +369,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, progress: Progress | None, started: f
         labeller = train_labeller(cfg, out, data, ranks, progress)
         cfg = replace(cfg, pseudo_labels=str(out / LABELLER_DIR), **warm_start(out / LABELLER_DIR, labeller))
         data = on_main(ranks, lambda: add_pseudo_labels(data, cfg.pseudo_labels, out, cfg.resume, ranks.device))
-        cfg = with_run_defaults(cfg, data)
+        cfg = with_epochs(cfg, data)
         if ranks.main:
             log.info("Noisy Student, run 2 of 2: %d answered + %d pseudo-labelled images, into %s",
                      len(data.shas) - data.counts["pseudo_labelled"], data.counts["pseudo_labelled"], out)
