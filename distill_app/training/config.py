@@ -100,9 +100,10 @@ class TrainConfig:
     # labels them, then this run trains on both, starting from the first run's weights
     # (trainer.warm_start). fixmatch: consistency on them during this one run (unlabeled.py). auto: noisy
     # when they are at least NOISY_MIN_SHARE of the answered images, else off; the run's config.json
-    # holds what auto resolved to. Measured (Imagenette, x0.5 @112, random init, 3 seeds): auto +4.5
-    # points over its own labeller at 1,000 calls + 3,034 unanswered, +2.9 at 500 + 3,516; FixMatch
-    # +0.4 at 1,000 (one seed) for 2.6x the time (BENCHMARKS.md).
+    # holds what auto resolved to. Measured (Imagenette, x0.5 @112, random init, 3 seeds, today's
+    # defaults): 65.3% at 1,000 calls + 3,034 unanswered, +5.5 points over the supervised run
+    # (--unlabeled off) and +3.5 over its labeller's final epoch; 51.5% at 500 + 3,516, +4.98 and +2.5;
+    # FixMatch +0.4 at 1,000 (one seed, an older recipe) for 2.6x the time (BENCHMARKS.md).
     unlabeled: str = "auto"
     # A trained student (run folder or model.pt) whose soft predictions become the targets of the
     # images with no usable answer, which then train beside the answered ones (pseudo.py: Noisy Student).
@@ -114,9 +115,10 @@ class TrainConfig:
 # best epoch was the 39th of 40, still climbing, where the old default of 10 stopped at 140 steps.
 # Doubling 1,500 steps to 3,000 (x0.5 @112, random init) lifted, at 1,000 calls over 3 seeds, the
 # supervised run's final epoch from 58.8% to 61.8% and Noisy Student's student from 63.1% to 64.5%
-# (a quarter of the spread); at 4,000 calls (one seed) 72.4% to 76.2% (BENCHMARKS.md, "Longer
-# training by default"). 3,000 steps of 64 images are ~12 minutes on 2 CPU cores at 112 px, whatever
-# the data size: 4,000 images get 53-55 epochs, 1,000 get 200 (the cap: 2,800 steps), 500 too (1,400).
+# (a quarter of the spread; 65.3% once the labeller handed over its final epoch); at 4,000 calls
+# (one seed) 72.4% to 76.2% (BENCHMARKS.md, "Longer training by default"). 3,000 steps of 64
+# images are ~12 minutes on 2 CPU cores at 112 px, whatever the data size: 4,000 images get 53-55
+# epochs, 1,000 get 200 (the cap: 2,800 steps), 500 too (1,400).
 AUTO_STEPS, AUTO_MIN, AUTO_MAX = 3000, 10, 200
 
 UNLABELED = ("auto", "noisy", "fixmatch", "off")  # --unlabeled
