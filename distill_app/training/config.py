@@ -116,7 +116,7 @@ class TrainConfig:
 # Doubling 1,500 steps to 3,000 (x0.5 @112, random init) lifted, at 1,000 calls over 3 seeds, the
 # supervised run's final epoch from 58.8% to 61.8% and Noisy Student's student from 63.1% to 64.5%
 # (a quarter of the spread; 65.3% once the labeller handed over its final epoch); at 4,000 calls
-# (one seed) 72.4% to 76.2% (BENCHMARKS.md, "Longer training by default"). 3,000 steps of 64
+# 72.4% (one seed) to 75.2% +- 0.9 (3 seeds) (BENCHMARKS.md, "Longer training by default"). 3,000 steps of 64
 # images are ~12 minutes on 2 CPU cores at 112 px, whatever the data size: 4,000 images get 53-55
 # epochs, 1,000 get 200 (the cap: 2,800 steps), 500 too (1,400).
 AUTO_STEPS, AUTO_MIN, AUTO_MAX = 3000, 10, 200
