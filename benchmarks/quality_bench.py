@@ -78,7 +78,7 @@ RECIPES = {
     "random-noisy-warm": {"width": 0.5, "image_size": 112, "pretrained": "off", "pseudo_labels": "random",
                           "warm": True},
     # The product's defaults with the unanswered photos beside the answered ones: --unlabeled auto, which
-    # trains its own labeller (reported as `labeller`, the supervised figure of the same command) first.
+    # trains its own labeller first (reported as `labeller`: its final epoch, which it hands over).
     "default": {"width": 0.5, "image_size": 112, "pretrained": "off", "unanswered": True},
     "imagenet": {"width": 1.0, "image_size": 112, "init": INIT},
     "imagenet64": {"width": 1.0, "image_size": 64, "init": INIT},
@@ -120,25 +120,26 @@ def harvest_via_server(data: Path, db: str, top_k: int, work: Path) -> dict:
     """Serve the local teacher (hf format) on loopback and harvest train and val through it."""
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DISTILL_TEACHER_TOKEN": TOKEN}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "distill_app", "serve-teacher", "--teacher", "local",
-         "--format", "hf", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(work / "server.log", "w"),
-    )
-    try:
-        _wait_for(port)
-        os.environ["HF_TOKEN"] = TOKEN
-        endpoint = f"http://127.0.0.1:{port}/models/local/efficientnet_lite0"
-        out = {}
-        for split in ("train", "val"):
-            s = harvest(HarvestConfig(images=str(data / split), teacher=TEACHER, endpoint=endpoint,
-                                      db=db, top_k=top_k, concurrency=2, upload_size=224))
-            out[split] = {k: s[k] for k in ("images", "already_cached", "succeeded", "failed")}
-            print(f"harvest {split}: {out[split]}", file=sys.stderr)
-        return out
-    finally:
-        server.terminate()
-        server.wait()
+    with open(work / "server.log", "w") as log:  # the server's stderr, closed once it has stopped
+        server = subprocess.Popen(
+            [sys.executable, "-m", "distill_app", "serve-teacher", "--teacher", "local",
+             "--format", "hf", "--port", str(port)],
+            env=env, stdout=subprocess.DEVNULL, stderr=log,
+        )
+        try:
+            _wait_for(port)
+            os.environ["HF_TOKEN"] = TOKEN
+            endpoint = f"http://127.0.0.1:{port}/models/local/efficientnet_lite0"
+            out = {}
+            for split in ("train", "val"):
+                s = harvest(HarvestConfig(images=str(data / split), teacher=TEACHER, endpoint=endpoint,
+                                          db=db, top_k=top_k, concurrency=2, upload_size=224))
+                out[split] = {k: s[k] for k in ("images", "already_cached", "succeeded", "failed")}
+                print(f"harvest {split}: {out[split]}", file=sys.stderr)
+            return out
+        finally:
+            server.terminate()
+            server.wait()
 
 
 def subset_folder(train_dir: Path, target: Path, budget: int) -> Path:
@@ -238,11 +239,13 @@ def final_epoch_accuracy(out: Path, val: str, db: str) -> float:
 
 
 def print_labellers(rows: list[dict]) -> None:
-    """Per budget, the runs that trained their own labeller: supervised against semi-supervised."""
+    """Per budget, the runs that trained their own labeller: it against the student it taught. The
+    labeller's model.pt is its final epoch (--keep auto); the product's supervised run, which keeps
+    best-on-val, is the `random` recipe at the same budget and seed (the same flags and answers)."""
     rows = [r for r in rows if r.get("labeller_accuracy") is not None]
     if not rows:
         return
-    print("| calls | recipe | seeds | labeller (supervised) | student | student − labeller | per seed |")
+    print("| calls | recipe | seeds | labeller (final epoch) | student | student − labeller | per seed |")
     print("|---|---|---|---|---|---|---|")
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
