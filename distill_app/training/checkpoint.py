@@ -69,11 +69,12 @@ class StudentFile:
                    blob.get("pruning"), blob.get("weights"), blob.get("compression"))
 
 
-def remove_stale_temps(folder: str | os.PathLike) -> None:
-    """Remove the temporary files that writers killed mid-write left in ``folder``. atomic_save does it
-    for its own file, but a resumed run may never write that file again (model.pt, kept only when an
-    epoch is better), so a run removes them all when it starts. One writer per folder (rank 0)."""
-    for stale in Path(folder).glob(".*.tmp"):
+def remove_stale_temps(folder: str | os.PathLike, pattern: str = ".*.tmp") -> None:
+    """Remove the temporary files that writers killed mid-write left in ``folder`` (those matching
+    ``pattern``). atomic_save does it for its own file, but a resumed run may never write that file
+    again (model.pt, kept only when an epoch is better), so a run removes them all when it starts.
+    One writer per folder (rank 0)."""
+    for stale in Path(folder).glob(pattern):
         stale.unlink(missing_ok=True)
 
 
@@ -85,8 +86,7 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     """
     path = Path(path)
     # A temporary file of an earlier writer that was killed mid-write: never trusted, removed.
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
+    remove_stale_temps(path.parent, f".{path.name}.*.tmp")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
