@@ -122,7 +122,7 @@ def train(
     width: float = typer.Option(1.0, help="MobileNet width multiplier alpha (0.35-1.4)."),
     image_size: int = typer.Option(224, help="Input resolution in pixels (96-224)."),
     epochs: Optional[int] = typer.Option(None, min=1, help="Default: enough for ~3,000 optimizer steps, "
-                                         "10 to 200 epochs (training.config.auto_epochs)."),
+                                         "10 to 500 epochs (training.config.auto_epochs)."),
     batch_size: int = typer.Option(64, min=1),
     lr: float = typer.Option(2e-3, help="Peak learning rate (AdamW, cosine schedule)."),
     targets: str = typer.Option("soft", help="soft (teacher probabilities) or hard (its argmax)."),

@@ -439,12 +439,13 @@ def test_epochs_default_from_the_number_of_training_images(dataset):
 
     assert auto_epochs(3600, 64) == 53  # 57 steps per epoch: ~3,000 steps
     assert auto_epochs(1800, 64) == 104
-    assert auto_epochs(900, 64) == auto_epochs(450, 64) == AUTO_MAX and auto_epochs(10**6, 64) == AUTO_MIN
+    assert auto_epochs(900, 64) == 200 and auto_epochs(450, 64) == 375  # 500 calls train 3,000 steps too
+    assert auto_epochs(300, 64) == AUTO_MAX and auto_epochs(10**6, 64) == AUTO_MIN
     # Resolved once the data is known, written to config.json; a resume without --epochs keeps it.
     for resume, stop in ((False, 1), (True, 2)):
         with pytest.raises(KeyboardInterrupt):
             train(config(dataset, epochs=None, batch_size=16, out="auto", resume=resume), progress=_stop_after(stop))
-        assert json.loads((dataset / "auto/config.json").read_text())["epochs"] == auto_epochs(18, 16) == 200
+        assert json.loads((dataset / "auto/config.json").read_text())["epochs"] == auto_epochs(18, 16) == AUTO_MAX
     assert torch.load(dataset / "auto/last.pt", weights_only=True)["epoch"] == 2
 
 
