@@ -27,9 +27,10 @@ local server fails none, and paid_calls, the run store's usage at the end, check
     python benchmarks/active_bench.py --budgets 40 --seeds 0 --strategies random,diversity \\
         --epochs 2 --pool-limit 200 --val-limit 100                      # smoke run, 2-3 min
 
-Times are estimates, not measured runs: at the ~70 training images/s of quality_bench's x0.5 run
-on 2 cores, --epochs 10 trains 2.5 x budget x 9 images per loop; the product's --epochs (about
-3,000 steps a round, at most 200 epochs) some 225,000 (500 calls) to 450,000 (1,000 calls).
+Times are estimates: quality_bench's x0.5 run trains ~300 images/s on 2 cores (3,000 steps of 64
+in about 620 s). --epochs 10 trains 2.5 x budget x 9 images per loop; the product's --epochs (about
+3,000 steps a round, at most 500 epochs) some 575,000 (500 calls) to 700,000 (1,000 calls), 30-40
+minutes, before the last round's second run.
 
 Prints a Markdown table (mean ± stdev over seeds at the final round), the calls each strategy
 needs to reach random's accuracy at the largest budget (interpolated on its mean per-round curve),
