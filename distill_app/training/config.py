@@ -118,7 +118,8 @@ class TrainConfig:
 # (a quarter of the spread; 65.3% once the labeller handed over its final epoch); at 4,000 calls
 # 72.4% (one seed) to 75.2% +- 0.9 (3 seeds) (BENCHMARKS.md, "Longer training by default"). 3,000 steps of 64
 # images are ~12 minutes on 2 CPU cores at 112 px, whatever the data size: 4,000 images get 53-55
-# epochs, 1,000 get 215, 500 get 429. The cap was 200 until measured at 500 calls over 3 seeds: 3,000
+# epochs, 1,000 get 200-215, 500 get 375-429 (the upper figures where some answers map to no class,
+# as in the benchmark). The cap was 200 until measured at 500 calls over 3 seeds: 3,000
 # steps instead of its 1,400 lifted the supervised run (best on val) from 46.5% +- 5.3 to 49.6% +- 2.9
 # and Noisy Student's student from 51.5% +- 3.1 to 52.9% +- 2.2. The cap of 500 now only bounds the
 # per-epoch validation and checkpoint of a run on a few hundred images or fewer.
