@@ -1,6 +1,12 @@
 """The SQLite store: schema, migrations, claims, answers, usage — on a real file."""
 
+import os
 import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -96,6 +102,48 @@ def test_locked_database_waits_then_clear_error(tmp_path):
     finally:
         blocker.rollback()
         blocker.close()
+
+
+def test_lock_released_within_the_timeout_is_waited_for(tmp_path):
+    path = str(tmp_path / "w.db")
+    open_store(path).close()
+    blocker = sqlite3.connect(path, check_same_thread=False)
+    blocker.execute("BEGIN EXCLUSIVE")
+    threading.Timer(0.3, blocker.rollback).start()
+    store = open_store(path, timeout=10)  # neither the open nor the write fails meanwhile
+    blocker.execute("BEGIN EXCLUSIVE")
+    threading.Timer(0.3, blocker.rollback).start()
+    store.add_usage(store.teacher_id("t", "prob"), 3)
+    assert store.calls_on(store.teacher_id("t", "prob")) == 3
+    store.close()
+    blocker.close()
+
+
+_OPENER = """
+import sys, time
+from cache.store import open_store
+path, start = sys.argv[1], float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))
+store = open_store(path)
+teacher = store.teacher_id("t", "prob")
+for _ in range(20):
+    store.add_usage(teacher, 1)
+store.close()
+"""
+
+
+def test_processes_opening_one_new_database_at_once_all_succeed(tmp_path):
+    path = str(tmp_path / "new.db")
+    start = time.time() + 1.5  # after every interpreter has started: they open together
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-c", _OPENER, path, str(start)], env=env,
+                              stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, errors
+    store = open_store(path)
+    assert store.calls_on(store.teacher_id("t", "prob")) == 6 * 20
+    assert len(store.teachers()) == 1
+    store.close()
 
 
 def test_read_only_commands_never_create_a_database(tmp_path):
