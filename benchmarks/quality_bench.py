@@ -80,6 +80,9 @@ RECIPES = {
     # The product's defaults with the unanswered photos beside the answered ones: --unlabeled auto, which
     # trains its own labeller first (reported as `labeller`: its final epoch, which it hands over).
     "default": {"width": 0.5, "image_size": 112, "pretrained": "off", "unanswered": True},
+    # The same with logit regression (--loss logit-mse) for the labeller and the student.
+    "default-logit": {"width": 0.5, "image_size": 112, "pretrained": "off", "unanswered": True,
+                      "loss": "logit-mse"},
     "imagenet": {"width": 1.0, "image_size": 112, "init": INIT},
     "imagenet64": {"width": 1.0, "image_size": 64, "init": INIT},
     "imagenet160": {"width": 1.0, "image_size": 160, "init": INIT},
