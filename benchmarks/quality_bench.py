@@ -22,6 +22,7 @@ Recipes (product defaults except what is named):
   random-noisy-warm random-noisy whose student starts from the labeller's weights
   default     the product's defaults on all 4,000 training photos and the budget's store: --unlabeled
               auto trains a labeller on the answers (its figure: labeller_accuracy), then the student
+  default-logit the same with --loss logit-mse for both runs
   imagenet    MobileNetV2 x1.0 at 112 px, --init ../shared/weights/mobilenetv2_100_imagenet.pt
   imagenet64  MobileNetV2 x1.0 at 64 px, the same init: about the MACs of x0.5 at 112 px
   imagenet160 MobileNetV2 x1.0 at 160 px, the same init (closer to the 224 px it was trained at)
