@@ -18,7 +18,7 @@ import random
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import sqlite_utils
 
@@ -26,6 +26,7 @@ from .migrations import migrate
 
 DEFAULT_DB = "distill.db"
 OK, FAILED, CLAIMED = "ok", "failed", "claimed"
+T = TypeVar("T")
 
 
 class StoreError(Exception):
@@ -71,30 +72,46 @@ class Store:
     """One SQLite file. Open with :func:`open_store`; migrations run on open."""
 
     def __init__(self, path: str, timeout: float = 30.0):
-        self.path = str(path)
-        self.timeout = timeout
-        deadline = time.monotonic() + timeout
+        self.path, self.timeout = str(path), timeout
+        try:
+            self.db = self._retrying(self._open)
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path} is not a distill database ({e}); pass another --db") from None
+
+    def _open(self) -> sqlite_utils.Database:
+        """Connect, switch to WAL and migrate; the connection is closed again if any step fails."""
+        conn = sqlite3.connect(self.path, timeout=self.timeout, check_same_thread=False)
+        try:
+            db = sqlite_utils.Database(conn)
+            db.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+            if db.journal_mode != "wal":
+                db.enable_wal()
+            db.execute("PRAGMA synchronous = NORMAL")  # safe with WAL; fsync per checkpoint
+            db.execute("PRAGMA foreign_keys = ON")
+            migrate(db)
+            return db
+        except BaseException:
+            conn.close()
+            raise
+
+    def _retrying(self, action: Callable[[], T]) -> T:
+        """``action()``, started again while SQLite answers BUSY and the timeout is not spent.
+
+        The busy timeout makes SQLite wait for most locks itself, but some BUSY answers skip it by
+        design (deadlock avoidance between two lock upgrades, a WAL snapshot gone stale); SQLite's
+        documented remedy is to start again. CI saw one of two harvests opening a new database at
+        once fail with "locked" (tests/test_harvest_crash.py; not reproduced here in 23 runs of it,
+        nor in 70 rounds of 3 to 6 processes opening one new database), so opening and BEGIN
+        IMMEDIATE retry until the timeout rather than fail at the first BUSY. Any other
+        OperationalError, or BUSY past the timeout, is a StoreError saying what to do."""
+        deadline = time.monotonic() + self.timeout
         while True:
-            conn = None
             try:
-                conn = sqlite3.connect(self.path, timeout=timeout, check_same_thread=False)
-                self.db = sqlite_utils.Database(conn)
-                self.db.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-                if self.db.journal_mode != "wal":
-                    self.db.enable_wal()
-                self.db.execute("PRAGMA synchronous = NORMAL")  # safe with WAL; fsync per checkpoint
-                self.db.execute("PRAGMA foreign_keys = ON")
-                migrate(self.db)
-                return
+                return action()
             except sqlite3.OperationalError as e:
-                if conn is not None:
-                    conn.close()
-                if not _retry_busy(e, deadline):
+                if not _is_busy(e) or time.monotonic() >= deadline:
                     raise StoreError(_explain(e, self.path)) from None
-            except sqlite3.DatabaseError as e:
-                if conn is not None:
-                    conn.close()
-                raise StoreError(f"{self.path} is not a distill database ({e}); pass another --db") from None
+            time.sleep(random.uniform(0.02, 0.2))  # jittered: two retrying processes must not stay in step
 
     def close(self) -> None:
         self.db.conn.close()
@@ -104,14 +121,7 @@ class Store:
     @contextlib.contextmanager
     def immediate(self) -> Iterator[None]:
         """A write transaction that takes the write lock up front (no deadlock on upgrade)."""
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                self.db.conn.execute("BEGIN IMMEDIATE")
-                break
-            except sqlite3.OperationalError as e:
-                if not _retry_busy(e, deadline):
-                    raise StoreError(_explain(e, self.path)) from None
+        self._retrying(lambda: self.db.conn.execute("BEGIN IMMEDIATE"))
         try:
             yield
         except BaseException:
@@ -420,21 +430,6 @@ def _gc_paused() -> Iterator[None]:
 def _is_busy(e: sqlite3.Error) -> bool:
     msg = str(e)
     return "locked" in msg or "busy" in msg
-
-
-def _retry_busy(e: sqlite3.Error, deadline: float) -> bool:
-    """Sleep a little and say to try again when ``e`` is SQLite's BUSY and time is left.
-
-    The busy timeout makes SQLite wait for most locks itself, but some BUSY answers skip it by
-    design (deadlock avoidance between two lock upgrades, a WAL snapshot gone stale); SQLite's
-    documented remedy is to start again. CI saw one of two harvests opening a new database at
-    once fail with "locked" (tests/test_harvest_crash.py; not reproduced here in 23 runs of it,
-    nor in 70 rounds of 3 to 6 processes opening one new database), so opening and BEGIN
-    IMMEDIATE retry until the timeout rather than fail at the first BUSY."""
-    if not _is_busy(e) or time.monotonic() >= deadline:
-        return False
-    time.sleep(random.uniform(0.02, 0.2))  # jittered: two retrying processes must not stay in step
-    return True
 
 
 def _explain(e: sqlite3.Error, path: str) -> str:
