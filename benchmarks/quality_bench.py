@@ -23,6 +23,7 @@ Recipes (product defaults except what is named):
   default     the product's defaults on all 4,000 training photos and the budget's store: --unlabeled
               auto trains a labeller on the answers (its figure: labeller_accuracy), then the student
   default-logit the same with --loss logit-mse for both runs
+  default-hard the same with --targets hard for both runs: the hard-label baseline of the defaults
   imagenet    MobileNetV2 x1.0 at 112 px, --init ../shared/weights/mobilenetv2_100_imagenet.pt
   imagenet64  MobileNetV2 x1.0 at 64 px, the same init: about the MACs of x0.5 at 112 px
   imagenet160 MobileNetV2 x1.0 at 160 px, the same init (closer to the 224 px it was trained at)
@@ -84,6 +85,10 @@ RECIPES = {
     # The same with logit regression (--loss logit-mse) for the labeller and the student.
     "default-logit": {"width": 0.5, "image_size": 112, "pretrained": "off", "unanswered": True,
                       "loss": "logit-mse"},
+    # The hard-label baseline of the product's defaults: --targets hard for the labeller and the student
+    # (the pseudo-labels are then the labeller's argmax, one-hot).
+    "default-hard": {"width": 0.5, "image_size": 112, "pretrained": "off", "unanswered": True,
+                     "targets": "hard"},
     "imagenet": {"width": 1.0, "image_size": 112, "init": INIT},
     "imagenet64": {"width": 1.0, "image_size": 64, "init": INIT},
     "imagenet160": {"width": 1.0, "image_size": 160, "init": INIT},
