@@ -12,6 +12,7 @@ Recipes (product defaults except what is named):
   random      MobileNetV2 x0.5 at 112 px, --pretrained off
   random-hard, random-logit, random-kl, random-ema, random-mixup: the same with --targets hard,
               --loss logit-mse, --loss kl, --ema 0.999 or --mixup 0.2
+  random-hard-logit  --targets hard --loss logit-mse: random-logit's hard baseline
   random-rrc  the same with --crop-scale 0.35 (random-resized crop)
   random-semi the same with --unlabeled fixmatch, trained on all 4,000 training photos from a store that
               holds the answers of only the budget's (budget_store): the rest are its unlabeled images
@@ -66,6 +67,7 @@ RECIPES = {
     # The same student with one thing changed: the baselines and the options of the small-data recipe.
     "random-hard": {"width": 0.5, "image_size": 112, "pretrained": "off", "targets": "hard"},
     "random-logit": {"width": 0.5, "image_size": 112, "pretrained": "off", "loss": "logit-mse"},
+    "random-hard-logit": {"width": 0.5, "image_size": 112, "pretrained": "off", "targets": "hard", "loss": "logit-mse"},
     "random-kl": {"width": 0.5, "image_size": 112, "pretrained": "off", "loss": "kl"},
     "random-ema": {"width": 0.5, "image_size": 112, "pretrained": "off", "ema": 0.999},
     "random-mixup": {"width": 0.5, "image_size": 112, "pretrained": "off", "mixup": 0.2},
