@@ -108,7 +108,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=None, help="epochs per round (default: the product's)")
     ap.add_argument("--warm-start", action="store_true", help="distill loop --warm-start: later rounds "
-                    "start from the previous round's student")
+                    "start from the previous round's student (the loop's default for a random-init student); "
+                    "without it --cold-start, the setting of the earlier figures")
     ap.add_argument("--unlabeled", default="off", help="the last round's --unlabeled (distill loop's default "
                     "is auto: Noisy Student on the photos no call reached); off compares the selections alone")
     ap.add_argument("--train-json", default="{}", help="more TrainConfig fields, e.g. '{\"lr\": 0.004}'")

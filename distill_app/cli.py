@@ -396,11 +396,13 @@ def loop(
     batch_size: int = typer.Option(64, min=2),
     pretrained: str = typer.Option("auto", help="As for train: ImageNet weights for every round's student."),
     init: Optional[Path] = typer.Option(None, help="As for train: initial weights of round 1 (of every round "
-                                        "without --warm-start)."),
+                                        "not warm-started)."),
     val: Optional[Path] = typer.Option(None, help="Labelled folder to evaluate each round's student on."),
     out: Path = typer.Option(Path("runs/loop"), help="Folder of the rounds (round-1, ...) and the final model.pt."),
-    warm_start: bool = typer.Option(False, "--warm-start", help="Rounds after the first start from the previous "
-                                    "round's student instead of from scratch."),
+    warm_start: Optional[bool] = typer.Option(None, "--warm-start/--cold-start", show_default=False,
+                                              help="Rounds after the first start from the previous round's "
+                                              "student, or from scratch. Default: warm when round 1 started "
+                                              "from random init, cold when from ImageNet weights."),
     unlabeled: str = typer.Option("auto", help="As for train, for the last round's student: auto (Noisy Student on "
                                   "the images no call reached, when they are at least a quarter as many as the "
                                   "answered ones), noisy, fixmatch or off. Earlier rounds train on their answers."),

@@ -121,10 +121,15 @@ def test_a_loop_killed_between_the_last_rounds_labeller_and_student_resumes(tmp_
 
 
 def test_warm_start_trains_each_later_round_from_the_previous_student(tmp_path, monkeypatch):
+    """By default when round 1 started from random init (no ImageNet weights offline at width 0.35),
+    and with --warm-start whatever round 1 started from; --cold-start trains every round from scratch."""
     monkeypatch.chdir(tmp_path)
     write_photos(tmp_path / "photos", per_class=5)
-    result = CliRunner().invoke(app, [*LOOP, "--images", "photos", "--warm-start"])
+    result = CliRunner().invoke(app, [*LOOP, "--images", "photos"])
     assert result.exit_code == 0, result.output
+    rounds = json.loads(result.stdout.strip().splitlines()[-1])["rounds"]
+    assert rounds[0]["weights"] == "random" and [r["warm"] for r in rounds] == [False, True]
+    assert "round 2  uncertainty  sent 3  answered 6  warm-started" in result.output
     first = json.loads((tmp_path / "runs/loop/round-1/config.json").read_text())
     # Round 2 is the last: Noisy Student, whose labeller starts from round 1 and its student from the labeller.
     second = json.loads((tmp_path / "runs/loop/round-2/labeller/config.json").read_text())
@@ -136,6 +141,17 @@ def test_warm_start_trains_each_later_round_from_the_previous_student(tmp_path, 
     assert ckpt["weights"]["source"] == f"init:{second['init']}"
     student = json.loads((tmp_path / "runs/loop/round-2/config.json").read_text())
     assert student["init"] == str(Path("runs/loop/round-2/labeller/model.pt")) and student["backbone_lr"] == 1.0
+    cold = CliRunner().invoke(app, [*LOOP, "--images", "photos", "--cold-start", "--out", "runs/cold"])
+    assert cold.exit_code == 0, cold.output
+    assert [r["warm"] for r in json.loads(cold.stdout.strip().splitlines()[-1])["rounds"]] == [False, False]
+    assert json.loads((tmp_path / "runs/cold/round-2/labeller/config.json").read_text())["init"] is None
+    # Round 1 from an init file stays cold by default; --warm-start makes it warm all the same.
+    forced = CliRunner().invoke(app, [*LOOP, "--images", "photos", "--init", "runs/loop/round-1/model.pt",
+                                      "--warm-start", "--out", "runs/warm"])
+    assert forced.exit_code == 0, forced.output
+    assert json.loads(forced.stdout.strip().splitlines()[-1])["rounds"][0]["weights"].startswith("init:")
+    assert json.loads((tmp_path / "runs/warm/round-2/labeller/config.json").read_text())["init"] == str(
+        Path("runs/warm/round-1/model.pt"))
 
 
 def test_hybrid_starts_typical_and_every_round_starts_from_init(tmp_path, monkeypatch):
