@@ -25,7 +25,6 @@ Recipes (product defaults except what is named):
               auto trains a labeller on the answers (its figure: labeller_accuracy), then the student
   default-logit the same with --loss logit-mse for both runs
   default-hard the same with --targets hard for both runs: the hard-label baseline of the defaults
-  default-hard-logit  --targets hard --loss logit-mse: the hard-label baseline of default-logit
   imagenet    MobileNetV2 x1.0 at 112 px, --init ../shared/weights/mobilenetv2_100_imagenet.pt
   imagenet64  MobileNetV2 x1.0 at 64 px, the same init: about the MACs of x0.5 at 112 px
   imagenet160 MobileNetV2 x1.0 at 160 px, the same init (closer to the 224 px it was trained at)
@@ -67,6 +66,7 @@ RECIPES = {
     # The same student with one thing changed: the baselines and the options of the small-data recipe.
     "random-hard": {"width": 0.5, "image_size": 112, "pretrained": "off", "targets": "hard"},
     "random-logit": {"width": 0.5, "image_size": 112, "pretrained": "off", "loss": "logit-mse"},
+    # A one-hot target's zeros are floored like the teacher's unanswered classes (losses.LOGIT_FLOOR).
     "random-hard-logit": {"width": 0.5, "image_size": 112, "pretrained": "off", "targets": "hard", "loss": "logit-mse"},
     "random-kl": {"width": 0.5, "image_size": 112, "pretrained": "off", "loss": "kl"},
     "random-ema": {"width": 0.5, "image_size": 112, "pretrained": "off", "ema": 0.999},
@@ -92,10 +92,6 @@ RECIPES = {
     # (the pseudo-labels are then the labeller's argmax, one-hot).
     "default-hard": {"width": 0.5, "image_size": 112, "pretrained": "off", "unanswered": True,
                      "targets": "hard"},
-    # ... and with --loss logit-mse too: the hard baseline of default-logit, one thing changed (a one-hot
-    # target's zeros are floored like the teacher's unanswered classes: losses.LOGIT_FLOOR).
-    "default-hard-logit": {"width": 0.5, "image_size": 112, "pretrained": "off", "unanswered": True,
-                           "targets": "hard", "loss": "logit-mse"},
     "imagenet": {"width": 1.0, "image_size": 112, "init": INIT},
     "imagenet64": {"width": 1.0, "image_size": 64, "init": INIT},
     "imagenet160": {"width": 1.0, "image_size": 160, "init": INIT},
