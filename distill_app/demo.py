@@ -79,6 +79,8 @@ def run_demo(workdir: Path, epochs: int = 30, log: Callable[[str], None] = print
     """harvest -> train -> eval in ``workdir``; returns the three summaries."""
     import torch
 
+    from students.pretrained import RANDOM
+
     from .deploy.evaluate import evaluate
     from .deploy.report import write_report
     from .harvest.engine import HarvestConfig, harvest
@@ -123,7 +125,7 @@ def run_demo(workdir: Path, epochs: int = 30, log: Callable[[str], None] = print
         else:
             os.environ["DISTILL_OFFLINE"] = offline_before
     # Offline, --pretrained auto finds no ImageNet weights for x0.5 unless timm's are cached: say which.
-    log(f"    started from {'random init' if t['weights'] == 'random' else t['weights']}; "
+    log(f"    started from {'random init' if t['weights'] == RANDOM.source else t['weights']}; "
         f"best epoch {t['best_epoch']} of {t['epochs']}")
     log(f"3/3 eval on {val_dir}")
     e = evaluate(str(out), str(val_dir), db_path=db, teacher_spec="local")
