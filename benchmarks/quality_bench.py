@@ -25,6 +25,7 @@ Recipes (product defaults except what is named):
               auto trains a labeller on the answers (its figure: labeller_accuracy), then the student
   default-logit the same with --loss logit-mse for both runs
   default-hard the same with --targets hard for both runs: the hard-label baseline of the defaults
+  default-hard-logit --targets hard --loss logit-mse for both runs: default-logit's hard baseline
   imagenet    MobileNetV2 x1.0 at 112 px, --init ../shared/weights/mobilenetv2_100_imagenet.pt
   imagenet64  MobileNetV2 x1.0 at 64 px, the same init: about the MACs of x0.5 at 112 px
   imagenet160 MobileNetV2 x1.0 at 160 px, the same init (closer to the 224 px it was trained at)
@@ -92,6 +93,9 @@ RECIPES = {
     # (the pseudo-labels are then the labeller's argmax, one-hot).
     "default-hard": {"width": 0.5, "image_size": 112, "pretrained": "off", "unanswered": True,
                      "targets": "hard"},
+    # default-hard with logit regression: default-logit's hard baseline, one thing changed.
+    "default-hard-logit": {"width": 0.5, "image_size": 112, "pretrained": "off", "unanswered": True,
+                           "targets": "hard", "loss": "logit-mse"},
     "imagenet": {"width": 1.0, "image_size": 112, "init": INIT},
     "imagenet64": {"width": 1.0, "image_size": 64, "init": INIT},
     "imagenet160": {"width": 1.0, "image_size": 160, "init": INIT},
