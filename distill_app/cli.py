@@ -16,6 +16,7 @@ from cache import default_db_path
 from . import printers
 from .console import emit_json, err, progress, user_errors
 from .errors import DistillError
+from .loop import DEFAULT_SELECT
 from .store_commands import DB_HELP, JSON_HELP, cache_app, labels_app
 from .teachers.serve import TOKEN_ENV_VAR
 
@@ -383,8 +384,8 @@ def loop(
     teacher: str = typer.Option(..., help="Teacher spec (as for harvest)."),
     budget: int = typer.Option(..., min=1, help="Calls in all, over every round."),
     rounds: int = typer.Option(..., min=1, help="Harvest-then-train rounds; each spends budget/rounds."),
-    select: str = typer.Option("uncertainty", help="How rounds after the first choose: uncertainty, diversity, "
-                               "typical, hybrid (with the previous round's student), random or balanced. Round 1: "
+    select: str = typer.Option(DEFAULT_SELECT, help="How rounds after the first choose: typical, uncertainty, "
+                               "diversity, hybrid (with the previous round's student), random or balanced. Round 1: "
                                "k-center for diversity, typical for typical and hybrid, else random."),
     db: Optional[str] = typer.Option(None, help=DB_HELP),
     endpoint: Optional[str] = typer.Option(None, help="Teacher endpoint URL (remote teachers)."),
@@ -411,7 +412,7 @@ def loop(
 ) -> None:
     """Harvest and train in rounds, each round's student choosing the next images; rerun to resume.
 
-    Example: distill loop --images photos/ --teacher local --budget 1000 --rounds 4 --select uncertainty
+    Example: distill loop --images photos/ --teacher local --budget 1000 --rounds 4 --select typical
     """
     from .harvest.select import STRATEGIES
     from .loop import LoopConfig, run_loop

@@ -141,9 +141,13 @@ def test_warm_start_trains_each_later_round_from_the_previous_student(tmp_path, 
     assert ckpt["weights"]["source"] == f"init:{second['init']}"
     student = json.loads((tmp_path / "runs/loop/round-2/config.json").read_text())
     assert student["init"] == str(Path("runs/loop/round-2/labeller/model.pt")) and student["backbone_lr"] == 1.0
-    cold = CliRunner().invoke(app, [*LOOP, "--images", "photos", "--cold-start", "--out", "runs/cold"])
+    # This run also leaves out --select: the default is typical, round 1 included.
+    default_select = [a for a in LOOP if a not in ("--select", "uncertainty")]
+    cold = CliRunner().invoke(app, [*default_select, "--images", "photos", "--cold-start", "--out", "runs/cold"])
     assert cold.exit_code == 0, cold.output
-    assert [r["warm"] for r in json.loads(cold.stdout.strip().splitlines()[-1])["rounds"]] == [False, False]
+    cold_rounds = json.loads(cold.stdout.strip().splitlines()[-1])["rounds"]
+    assert [r["warm"] for r in cold_rounds] == [False, False]
+    assert [r["strategy"] for r in cold_rounds] == ["typical", "typical"]
     assert json.loads((tmp_path / "runs/cold/round-2/labeller/config.json").read_text())["init"] is None
     # Round 1 from an init file stays cold by default; --warm-start makes it warm all the same.
     forced = CliRunner().invoke(app, [*LOOP, "--images", "photos", "--init", "runs/loop/round-1/model.pt",
