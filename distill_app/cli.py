@@ -16,7 +16,7 @@ from cache import default_db_path
 from . import printers
 from .console import emit_json, err, progress, user_errors
 from .errors import DistillError
-from .loop import DEFAULT_SELECT
+from .loop import DEFAULT_SELECT, LoopConfig, run_loop
 from .store_commands import DB_HELP, JSON_HELP, cache_app, labels_app
 from .teachers.serve import TOKEN_ENV_VAR
 
@@ -415,7 +415,6 @@ def loop(
     Example: distill loop --images photos/ --teacher local --budget 1000 --rounds 4 --select typical
     """
     from .harvest.select import STRATEGIES
-    from .loop import LoopConfig, run_loop
     from .training.config import UNLABELED
 
     from students import PRETRAINED_MODES
