@@ -40,6 +40,13 @@ ROUND_FILE = "round.json"  # in out/round-<r>: the finished round's row
 # 4 rounds; warm-started: +5.8 points at 500 calls, +1.3 at 1,000) and was level with ImageNet init (-0.1 at
 # 500, +0.6 at 1,000), where uncertainty, the default before, gave -0.5 and +0.9 (BENCHMARKS.md).
 DEFAULT_SELECT = "typical"
+# What model.pt holds in the rounds before the last (train's --keep; the last round keeps train's default,
+# as SPEC has it for the delivered student). Those students only select the next round's photos and start
+# its training, so they hand over their settled final epoch, as Noisy Student's labeller does: their
+# validation splits are a tenth of 250-750 answers, and the best of 30 readings of 25-75 photos is mostly
+# luck (over the 3,000-step supervised runs on Imagenette, the final epoch was the better one 7 times in 9,
+# by 1.7 points on the mean; BENCHMARKS.md, "Longer training by default").
+EARLIER_KEEP = "last"
 
 
 @dataclass
@@ -103,6 +110,8 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] = print) -> dict:
             # has to select. The last round's student is the one delivered: it gets --unlabeled (default
             # auto: Noisy Student on the photos no call reached, as train does).
             flags = {**cfg.train, "unlabeled": cfg.unlabeled if r == cfg.rounds else "off"}
+            if r < cfg.rounds:
+                flags.setdefault("keep", EARLIER_KEEP)
             # auto: a round 1 read back from an older loop's round.json has no "weights": cold, as it was.
             warm = bool(selector) and (cfg.warm_start if cfg.warm_start is not None
                                        else rounds[0].get("weights") == RANDOM.source)

@@ -118,6 +118,9 @@ def test_a_loop_killed_between_the_last_rounds_labeller_and_student_resumes(tmp_
     assert off.exit_code == 0, off.output
     assert json.loads(off.stdout.strip().splitlines()[-1])["rounds"][-1]["unlabeled_used"] == 0
     assert not (tmp_path / "runs/off/round-2/labeller").exists() and calls("distill.db") == 6
+    # A supervised last round keeps its best-on-validation epoch (SPEC); the round before it, its last.
+    keep = lambda r: json.loads((tmp_path / f"runs/off/round-{r}/config.json").read_text())["keep"]  # noqa: E731
+    assert (keep(1), keep(2)) == ("last", "best")
 
 
 def test_warm_start_trains_each_later_round_from_the_previous_student(tmp_path, monkeypatch):
@@ -134,6 +137,9 @@ def test_warm_start_trains_each_later_round_from_the_previous_student(tmp_path, 
     # Round 2 is the last: Noisy Student, whose labeller starts from round 1 and its student from the labeller.
     second = json.loads((tmp_path / "runs/loop/round-2/labeller/config.json").read_text())
     assert first["init"] is None
+    # Earlier rounds only select and start the next: they hand over their final epoch. The delivered
+    # student keeps train's default (auto: the final epoch for both runs of Noisy Student).
+    assert first["keep"] == "last"
     assert second["init"] == str(Path("runs/loop/round-1/model.pt")) and second["backbone_lr"] == 1.0
     import torch
 
