@@ -36,10 +36,11 @@ from .errors import DistillError
 MODEL_BASED = ("uncertainty", "diversity", "typical", "hybrid")
 FIRST_ROUND = {"diversity": "diversity", "typical": "typical", "hybrid": "typical"}  # else random
 ROUND_FILE = "round.json"  # in out/round-<r>: the finished round's row
-# The default strategy: typical led random in every random-init setting measured on Imagenette (3 seeds,
-# 4 rounds; warm-started: +5.8 points at 500 calls, +1.3 at 1,000; -0.2 at 500 once earlier rounds
-# kept their final epoch) and was level with ImageNet init (-0.1 at 500, +0.6 at 1,000), where uncertainty,
-# the default before, gave -0.5 and +0.9 (BENCHMARKS.md).
+# The default strategy: while earlier rounds kept their best epoch, typical led random in every random-init
+# setting measured on Imagenette (3 seeds, 4 rounds; warm-started: +5.8 points at 500 calls, +1.3 at 1,000)
+# and was level with ImageNet init (-0.1 at 500, +0.6 at 1,000), where uncertainty, the default before, gave
+# -0.5 and +0.9. Since they keep their final epoch (EARLIER_KEEP) it is level with random at 500 calls
+# (-0.2); 1,000 calls not re-measured (BENCHMARKS.md).
 DEFAULT_SELECT = "typical"
 # What model.pt holds in the rounds before the last (train's --keep; the last round keeps train's default,
 # as SPEC has it for the delivered student). Those students only select the next round's photos and start
