@@ -36,20 +36,15 @@ from .errors import DistillError
 MODEL_BASED = ("uncertainty", "diversity", "typical", "hybrid")
 FIRST_ROUND = {"diversity": "diversity", "typical": "typical", "hybrid": "typical"}  # else random
 ROUND_FILE = "round.json"  # in out/round-<r>: the finished round's row
-# The default strategy: while earlier rounds kept their best epoch, typical led random in every random-init
-# setting measured on Imagenette (3 seeds, 4 rounds; warm-started: +5.8 points at 500 calls, +1.3 at 1,000)
-# and was level with ImageNet init (-0.1 at 500, +0.6 at 1,000), where uncertainty, the default before, gave
-# -0.5 and +0.9. Since they keep their final epoch (EARLIER_KEEP) it is level with random at 500 calls
-# (-0.2); 1,000 calls not re-measured (BENCHMARKS.md).
+# The default strategy: typical led random in every random-init setting measured on Imagenette (3 seeds, 4
+# rounds; warm-started: +5.8 points at 500 calls, +1.3 at 1,000) and was level with ImageNet init (-0.1 at
+# 500, +0.6 at 1,000), where uncertainty, the default before, gave -0.5 and +0.9 (BENCHMARKS.md).
 DEFAULT_SELECT = "typical"
-# What model.pt holds in the rounds before the last (train's --keep; the last round keeps train's default,
-# as SPEC has it for the delivered student). Those students only select the next round's photos and start
-# its training, so they hand over their settled final epoch, as Noisy Student's labeller does: their
-# validation splits are a tenth of 250-750 answers, and the best of 30 readings of 25-75 photos is mostly
-# luck. Measured on the 18 rounds 1-3 of six warm-started 1,000-call loops (Imagenette, random init, 30
-# epochs a round): best-on-validation had kept epochs 15-29 of 30; the final epochs were better on the
-# 1,000 val photos in 12 of them, worse in 3 (by at most 0.4), by +0.9 points on the mean (BENCHMARKS.md).
-EARLIER_KEEP = "last"
+# Every round keeps train's default epoch (best-on-validation for a supervised round, as SPEC has it).
+# Tried and reverted: rounds before the last handing over their final epoch. Their own students were
+# better (+0.9 points over 18 rounds, +3 to +6 after rounds 2-3), but the default loop's delivered student
+# was not: typical's fell 2.4 points at 500 calls and 0.7 at 1,000 (3 seeds each), and its lead over random
+# at 500 calls went from +5.8 to -0.2 (BENCHMARKS.md, "Earlier rounds hand over their final epoch").
 
 
 @dataclass
@@ -113,8 +108,6 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] = print) -> dict:
             # has to select. The last round's student is the one delivered: it gets --unlabeled (default
             # auto: Noisy Student on the photos no call reached, as train does).
             flags = {**cfg.train, "unlabeled": cfg.unlabeled if r == cfg.rounds else "off"}
-            if r < cfg.rounds:
-                flags.setdefault("keep", EARLIER_KEEP)
             # auto: a round 1 read back from an older loop's round.json has no "weights": cold, as it was.
             warm = bool(selector) and (cfg.warm_start if cfg.warm_start is not None
                                        else rounds[0].get("weights") == RANDOM.source)

@@ -118,9 +118,10 @@ def test_a_loop_killed_between_the_last_rounds_labeller_and_student_resumes(tmp_
     assert off.exit_code == 0, off.output
     assert json.loads(off.stdout.strip().splitlines()[-1])["rounds"][-1]["unlabeled_used"] == 0
     assert not (tmp_path / "runs/off/round-2/labeller").exists() and calls("distill.db") == 6
-    # A supervised last round keeps its best-on-validation epoch (SPEC); the round before it, its last.
+    # Every supervised round keeps its best-on-validation epoch (SPEC, train's default), the earlier ones
+    # too: handing over their final epoch was measured and reverted (loop.py).
     keep = lambda r: json.loads((tmp_path / f"runs/off/round-{r}/config.json").read_text())["keep"]  # noqa: E731
-    assert (keep(1), keep(2)) == ("last", "best")
+    assert (keep(1), keep(2)) == ("best", "best")
 
 
 def test_warm_start_trains_each_later_round_from_the_previous_student(tmp_path, monkeypatch):
@@ -137,9 +138,6 @@ def test_warm_start_trains_each_later_round_from_the_previous_student(tmp_path, 
     # Round 2 is the last: Noisy Student, whose labeller starts from round 1 and its student from the labeller.
     second = json.loads((tmp_path / "runs/loop/round-2/labeller/config.json").read_text())
     assert first["init"] is None
-    # Earlier rounds only select and start the next: they hand over their final epoch. The delivered
-    # student keeps train's default (auto: the final epoch for both runs of Noisy Student).
-    assert first["keep"] == "last"
     assert second["init"] == str(Path("runs/loop/round-1/model.pt")) and second["backbone_lr"] == 1.0
     import torch
 
@@ -147,6 +145,9 @@ def test_warm_start_trains_each_later_round_from_the_previous_student(tmp_path, 
     assert ckpt["weights"]["source"] == f"init:{second['init']}"
     student = json.loads((tmp_path / "runs/loop/round-2/config.json").read_text())
     assert student["init"] == str(Path("runs/loop/round-2/labeller/model.pt")) and student["backbone_lr"] == 1.0
+    # Each round keeps train's default: best-on-validation for supervised round 1, the final epoch for
+    # both runs of the last round's Noisy Student.
+    assert (first["keep"], second["keep"], student["keep"]) == ("best", "last", "last")
     # This run also leaves out --select: the default is typical, round 1 included.
     default_select = [a for a in LOOP if a not in ("--select", "uncertainty")]
     cold = CliRunner().invoke(app, [*default_select, "--images", "photos", "--cold-start", "--out", "runs/cold"])
